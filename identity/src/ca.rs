@@ -1,0 +1,319 @@
+//! The mesh's certificate authority: a root and an intermediate issuing CA (ECDSA P-256)
+//! that signs X509-SVIDs.
+//!
+//! On disk the CA is a folder of PEM files, the same whether we created it (`--data-dir`) or
+//! the operator mounted it from a Kubernetes Secret:
+//!
+//! | file | what | needed |
+//! | --- | --- | --- |
+//! | `bundle.crt` | every trusted root (one or more) | yes |
+//! | `issuer.crt` | the intermediate that signs SVIDs | yes |
+//! | `issuer.key` | its private key, PKCS#8, mode 0600 | yes |
+//! | `root.crt`, `root.key` | the current root and its key (to sign new intermediates) | no |
+//!
+//! Signing certificates carry no name constraints: rustls-webpki refuses chains with URI
+//! name constraints.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+use crate::cert::{self, CertSummary};
+use crate::csr::CheckedKey;
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// How long a freshly created root is valid.
+pub const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long a freshly created intermediate is valid.
+pub const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// SVIDs are valid from this long before they are issued, for clock skew between nodes.
+pub const BACKDATE: Duration = Duration::from_secs(60);
+
+/// Why the CA could not be loaded, created or could not sign.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+    #[error("the CA folder {0} is incomplete: {1} is missing (delete the folder to start over, or restore the file)")]
+    Incomplete(PathBuf, &'static str),
+    #[error("the issuer certificate does not chain to any root in bundle.crt")]
+    IssuerNotInBundle,
+    #[error("the issuer expired at {0}")]
+    IssuerExpired(OffsetDateTime),
+    #[error("signing failed: {0}")]
+    Sign(#[from] rcgen::Error),
+}
+
+/// A certificate chain and its leaf's facts, as issued.
+#[derive(Debug, Clone)]
+pub struct Svid {
+    /// Leaf first, then the intermediate.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub serial: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+/// The loaded CA, ready to sign.
+#[derive(Debug)]
+pub struct Ca {
+    bundle: Vec<CertificateDer<'static>>,
+    issuer: Issuer<'static, KeyPair>,
+    issuer_cert: CertificateDer<'static>,
+    issuer_not_after: OffsetDateTime,
+}
+
+impl Ca {
+    /// Loads the CA in `dir`, or creates a new root and intermediate there when the folder
+    /// holds no CA yet. A partial CA is an error, never silently replaced.
+    pub fn load_or_create(dir: &Path, td: &TrustDomain) -> Result<Self, CaError> {
+        if !dir.join("issuer.key").exists() && !dir.join("bundle.crt").exists() {
+            create(dir, td, OffsetDateTime::now_utc())?;
+        }
+        Self::load(dir)
+    }
+
+    /// Loads the CA from `dir` (see the module docs for the files).
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let read = |name: &'static str| -> Result<(PathBuf, Vec<u8>), CaError> {
+            let path = dir.join(name);
+            match fs::read(&path) {
+                Ok(bytes) => Ok((path, bytes)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    Err(CaError::Incomplete(dir.to_owned(), name))
+                }
+                Err(source) => Err(CaError::Io { path, source }),
+            }
+        };
+        let (bundle_path, bundle_pem) = read("bundle.crt")?;
+        let (cert_path, cert_pem) = read("issuer.crt")?;
+        let (key_path, key_pem) = read("issuer.key")?;
+
+        let bundle = CertificateDer::pem_slice_iter(&bundle_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&bundle_path, e))?;
+        if bundle.is_empty() {
+            return Err(bad(&bundle_path, "no certificates in the file"));
+        }
+        let issuer_cert =
+            CertificateDer::from_pem_slice(&cert_pem).map_err(|e| bad(&cert_path, e))?;
+        let key_pem = String::from_utf8(key_pem).map_err(|e| bad(&key_path, e))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&key_path, e))?;
+        if rcgen::PublicKeyData::subject_public_key_info(&key) != spki_of(&issuer_cert).map_err(|e| bad(&cert_path, e))? {
+            return Err(bad(&key_path, "the key does not match issuer.crt"));
+        }
+        if !bundle.iter().any(|root| signed_by(&issuer_cert, root)) {
+            return Err(CaError::IssuerNotInBundle);
+        }
+        let summary = cert::summarize(&issuer_cert).map_err(|e| bad(&cert_path, e))?;
+        let issuer = Issuer::from_ca_cert_der(&issuer_cert, key).map_err(|e| bad(&cert_path, e))?;
+        Ok(Self {
+            bundle,
+            issuer,
+            issuer_cert,
+            issuer_not_after: summary.not_after,
+        })
+    }
+
+    /// The trusted roots, DER.
+    pub fn trust_bundle(&self) -> &[CertificateDer<'static>] {
+        &self.bundle
+    }
+
+    /// The trusted roots as one PEM text.
+    pub fn trust_bundle_pem(&self) -> String {
+        self.bundle.iter().map(|c| pem("CERTIFICATE", c)).collect()
+    }
+
+    /// Summaries of the roots, for status output.
+    pub fn roots(&self) -> Vec<CertSummary> {
+        self.bundle
+            .iter()
+            .filter_map(|c| cert::summarize(c).ok())
+            .collect()
+    }
+
+    /// When the issuing intermediate expires.
+    pub fn issuer_not_after(&self) -> OffsetDateTime {
+        self.issuer_not_after
+    }
+
+    /// Signs an X509-SVID for `id` over a checked CSR key, valid for `ttl` from `now` but
+    /// never past the issuer's own expiry.
+    pub fn issue(
+        &self,
+        id: &SpiffeId,
+        key: &CheckedKey,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Svid, CaError> {
+        self.sign(id, &key.0, ttl, now)
+    }
+
+    /// Issues an SVID for a key made here, in this process (the control plane's own
+    /// serving certificate). The private key is returned to the caller and never written.
+    pub fn issue_with_new_key(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<(Svid, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let svid = self.sign(id, &key, ttl, now)?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((svid, der))
+    }
+
+    fn sign(
+        &self,
+        id: &SpiffeId,
+        key: &impl rcgen::PublicKeyData,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Svid, CaError> {
+        if now >= self.issuer_not_after {
+            return Err(CaError::IssuerExpired(self.issuer_not_after));
+        }
+        let params = svid_params(id, ttl, now, self.issuer_not_after)?;
+        let leaf = params.signed_by(key, &self.issuer)?;
+        Ok(Svid {
+            serial: params
+                .serial_number
+                .as_ref()
+                .map(|s| cert::hex(s.as_ref()))
+                .unwrap_or_default(),
+            not_before: params.not_before,
+            not_after: params.not_after,
+            chain: vec![leaf.der().clone(), self.issuer_cert.clone()],
+        })
+    }
+}
+
+/// The X509-SVID leaf: one URI SAN (critical, as the subject is empty), CA:false, key usage
+/// digitalSignature only (critical), EKU serverAuth and clientAuth.
+fn svid_params(
+    id: &SpiffeId,
+    ttl: Duration,
+    now: OffsetDateTime,
+    issuer_not_after: OffsetDateTime,
+) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    params.not_before = now - BACKDATE;
+    params.not_after = (now + ttl).min(issuer_not_after);
+    Ok(params)
+}
+
+fn ca_params(cn: String, path_len: Option<u8>, now: OffsetDateTime, life: Duration) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "meshlet");
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(match path_len {
+        Some(n) => BasicConstraints::Constrained(n),
+        None => BasicConstraints::Unconstrained,
+    });
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(random_serial());
+    params.not_before = now - Duration::from_secs(3600);
+    params.not_after = now + life;
+    params
+}
+
+/// Creates a root and an intermediate in `dir`; keys are written mode 0600 and only if
+/// absent.
+fn create(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<(), CaError> {
+    fs::create_dir_all(dir).map_err(|source| CaError::Io { path: dir.to_owned(), source })?;
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let root_params = ca_params(format!("meshlet root CA {td}"), None, now, ROOT_LIFETIME);
+    let root = root_params.self_signed(&root_key)?;
+    let root_issuer = Issuer::new(root_params, &root_key);
+
+    let issuer_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut issuer_params =
+        ca_params(format!("meshlet issuing CA {td}"), Some(0), now, INTERMEDIATE_LIFETIME);
+    issuer_params.use_authority_key_identifier_extension = true;
+    let issuer = issuer_params.signed_by(&issuer_key, &root_issuer)?;
+
+    write_new(&dir.join("root.key"), root_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&dir.join("issuer.key"), issuer_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&dir.join("root.crt"), root.pem().as_bytes(), 0o644)?;
+    write_new(&dir.join("issuer.crt"), issuer.pem().as_bytes(), 0o644)?;
+    write_new(&dir.join("bundle.crt"), root.pem().as_bytes(), 0o644)
+}
+
+/// Writes a file that must not exist yet, with `mode` set at creation (no window in which
+/// a key file is readable by others).
+pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+    let io_err = |source| CaError::Io { path: path.to_owned(), source };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io_err)?;
+    file.write_all(contents).map_err(io_err)?;
+    file.sync_all().map_err(io_err)
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    // aws-lc-rs's RNG fails only if the OS has no entropy source; then no CA can work.
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .expect("the OS random number generator is available");
+    bytes[0] &= 0x7f; // positive
+    bytes[0] |= 0x40; // and exactly 16 bytes long
+    SerialNumber::from_slice(&bytes)
+}
+
+fn spki_of(der: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    Ok(cert.public_key().raw.to_vec())
+}
+
+fn signed_by(cert: &CertificateDer<'_>, root: &CertificateDer<'_>) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (Ok((_, cert)), Ok((_, root))) = (X509Certificate::from_der(cert), X509Certificate::from_der(root))
+    else {
+        return false;
+    };
+    cert.verify_signature(Some(root.public_key())).is_ok()
+}
+
+fn bad(path: &Path, reason: impl ToString) -> CaError {
+    CaError::BadFile { path: path.to_owned(), reason: reason.to_string() }
+}
+
+/// PEM-encodes one DER object.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(label, der))
+}

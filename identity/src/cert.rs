@@ -1,0 +1,106 @@
+//! Reading certificates: the X509-SVID rules a peer's leaf must meet, and the summary
+//! (subject, serial, validity) that status APIs show.
+
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::spiffe::{SpiffeId, SpiffeIdError};
+
+/// Why a certificate is not a valid X509-SVID leaf.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SvidError {
+    #[error("the certificate is not valid DER X.509")]
+    Malformed,
+    #[error("an SVID has exactly one URI SAN; this one has {0}")]
+    UriSanCount(usize),
+    #[error("the URI SAN is not a SPIFFE ID: {0}")]
+    BadId(#[from] SpiffeIdError),
+    #[error("an SVID leaf must not be a CA (basicConstraints cA is true)")]
+    LeafIsCa,
+    #[error("an SVID leaf must not have keyCertSign or cRLSign")]
+    LeafCanSign,
+    #[error("the SPIFFE ID {got} is not the expected {want}")]
+    WrongId { got: SpiffeId, want: SpiffeId },
+    #[error("the SPIFFE ID {got} is not in trust domain {want}")]
+    WrongTrustDomain { got: SpiffeId, want: String },
+}
+
+/// What an operator wants to know about one certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSummary {
+    pub subject: String,
+    /// Lowercase hex, no separators.
+    pub serial: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    /// The single URI SAN when it is a valid SPIFFE ID.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+fn parse(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
+    match X509Certificate::from_der(der) {
+        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        _ => Err(SvidError::Malformed),
+    }
+}
+
+fn uri_sans<'a>(cert: &'a X509Certificate<'a>) -> Vec<&'a str> {
+    let mut uris = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name {
+                    uris.push(*uri);
+                }
+            }
+        }
+    }
+    uris
+}
+
+/// Reads the SPIFFE ID of an X509-SVID leaf, checking the leaf rules of the X509-SVID
+/// specification that a chain validator does not: exactly one URI SAN, which is a SPIFFE ID;
+/// not a CA; no keyCertSign or cRLSign. Chain, validity and EKU are webpki's job.
+pub fn svid_id(der: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
+    let cert = parse(der)?;
+    if cert.is_ca() {
+        return Err(SvidError::LeafIsCa);
+    }
+    if let Ok(Some(ku)) = cert.key_usage() {
+        if ku.value.key_cert_sign() || ku.value.crl_sign() {
+            return Err(SvidError::LeafCanSign);
+        }
+    }
+    match uri_sans(&cert).as_slice() {
+        [uri] => Ok(SpiffeId::parse(uri)?),
+        other => Err(SvidError::UriSanCount(other.len())),
+    }
+}
+
+/// Summarises any certificate (leaf or CA) for status output.
+pub fn summarize(der: &[u8]) -> Result<CertSummary, SvidError> {
+    let cert = parse(der)?;
+    let spiffe_id = match uri_sans(&cert).as_slice() {
+        [uri] => SpiffeId::parse(uri).ok(),
+        _ => None,
+    };
+    Ok(CertSummary {
+        subject: cert.subject().to_string(),
+        serial: hex(cert.raw_serial()),
+        not_before: cert.validity().not_before.to_datetime(),
+        not_after: cert.validity().not_after.to_datetime(),
+        spiffe_id,
+    })
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

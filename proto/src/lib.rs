@@ -1,0 +1,19 @@
+//! meshlet's wire protocol, generated at build time from `proto/meshlet/**.proto`.
+//!
+//! # Layout
+//! - [`identity::v1`]: `meshlet.identity.v1.Identity/Certify`, CSR + token in, SVID out.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+
+/// `meshlet.identity.v1`
+pub mod identity {
+    /// Version 1 of the identity protocol.
+    pub mod v1 {
+        #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("meshlet.identity.v1");
+    }
+}
+
+/// The encoded `FileDescriptorSet` of every meshlet proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/meshlet_descriptor.bin"));
