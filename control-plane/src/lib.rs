@@ -1,0 +1,256 @@
+//! meshlet's control plane: the mesh CA behind `meshlet.identity.v1.Identity/Certify`, and
+//! the admin API that shows what it issued.
+//!
+//! # Layout
+//! - [`run`]: starts everything on already-bound listeners and returns what it serves.
+//! - [`config`]: `serve` flags (`MESHLET_*`) and the validated [`Config`].
+//! - [`token`]: workload JWT authentication; the local signing key (`meshletctl token`).
+//! - [`jwks`]: fetching a cluster's JWKS over HTTP(S).
+//! - [`identity_service`]: the Certify checks, in order, and issuance.
+//! - [`registry`]: what was issued, per workload; certificate states.
+//! - [`grpc`]: TLS accept loop feeding tonic; [`admin`]: the admin HTTP API.
+//! - [`metrics`]: Prometheus metrics with closed label sets.
+
+pub mod admin;
+pub mod config;
+pub mod grpc;
+pub mod identity_service;
+pub mod jwks;
+pub mod metrics;
+pub mod registry;
+pub mod token;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use meshlet_identity::ca::{Ca, CaError};
+use meshlet_identity::tls::{self, TlsConfigError};
+use meshlet_identity::SpiffeId;
+use meshlet_proto::identity::v1::identity_server::IdentityServer;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, ServeArgs};
+
+use crate::identity_service::IdentityService;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::token::{Authenticator, LocalSigner, SignerError};
+
+/// Largest Certify request accepted (a CSR and a token are a few KiB).
+pub const MAX_REQUEST_LEN: usize = 64 * 1024;
+/// How often the JWKS is fetched again.
+pub const JWKS_REFRESH: Duration = Duration::from_secs(600);
+
+/// Why the control plane could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("CA: {0}")]
+    Ca(#[from] CaError),
+    #[error("local token key: {0}")]
+    Signer(#[from] SignerError),
+    #[error("--jwks-file {0}: {1}")]
+    JwksFile(PathBuf, String),
+    #[error("{0}")]
+    Jwks(#[from] jwks::JwksError),
+    #[error("--jwks-url: {0}")]
+    JwksKeys(String),
+    #[error("serving TLS: {0}")]
+    Tls(#[from] TlsConfigError),
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// The listeners the control plane serves on, bound by the caller (port 0 in tests).
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both listeners.
+    pub async fn bind(grpc: SocketAddr, admin: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self { grpc: TcpListener::bind(grpc).await?, admin: TcpListener::bind(admin).await? })
+    }
+}
+
+/// A started control plane.
+#[derive(Debug)]
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// The SPIFFE ID the gRPC server presents.
+    pub identity: SpiffeId,
+    /// The trust bundle, PEM: what sidecars need to trust the control plane.
+    pub trust_bundle_pem: String,
+    tasks: JoinSet<Result<(), ControlError>>,
+}
+
+impl Running {
+    /// Waits until every server has stopped (after shutdown), returning the first error.
+    pub async fn wait(mut self) -> Result<(), ControlError> {
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok(Err(e)) = done {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the control plane on `listeners`; it stops when `shutdown` completes.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Running, ControlError> {
+    let ca = Arc::new(match &config.ca_dir {
+        Some(dir) => Ca::load(dir)?,
+        None => Ca::load_or_create(&config.data_dir.join("ca"), &config.trust_domain)?,
+    });
+    let auth = Arc::new(authenticator(&config).await?);
+    let registry = Arc::new(Registry::default());
+    let metrics = Arc::new(Metrics::default());
+    let mut prom = prometheus_client::registry::Registry::default();
+    metrics.register(&mut prom);
+
+    let serving = Arc::new(ArcSwap::from_pointee(serving_config(&ca, &config)?));
+    let service = Arc::new(IdentityService {
+        ca: ca.clone(),
+        auth: auth.clone(),
+        registry: registry.clone(),
+        metrics,
+        trust_domain: config.trust_domain.clone(),
+        cert_ttl: config.cert_ttl,
+    });
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meshlet_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ControlError::Reflection(e.to_string()))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meshlet_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ControlError::Reflection(e.to_string()))?;
+    let routes = tonic::service::Routes::new(IdentityServer::from_arc(service).max_decoding_message_size(MAX_REQUEST_LEN))
+        .add_service(reflection)
+        .add_service(reflection_alpha);
+
+    let running_grpc = listeners.grpc.local_addr()?;
+    let running_admin = listeners.admin.local_addr()?;
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        });
+    }
+    {
+        let stop = stop.clone();
+        let serving = serving.clone();
+        tasks.spawn(async move { Ok(grpc::serve(listeners.grpc, serving, routes, stop).await?) });
+    }
+    let admin_state = Arc::new(admin::AdminState {
+        ca: ca.clone(),
+        registry: registry.clone(),
+        metrics: prom,
+        expiring_share: config.expiring_share,
+    });
+    {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            admin::serve(listeners.admin, admin_state, stop).await;
+            Ok(())
+        });
+    }
+    let trust_bundle_pem = ca.trust_bundle_pem();
+    let identity = config.identity.clone();
+    tasks.spawn(background(config, ca, auth, registry, serving, stop));
+    tracing::info!(grpc = %running_grpc, admin = %running_admin, %identity, "control plane serving");
+    Ok(Running { grpc_addr: running_grpc, admin_addr: running_admin, identity, trust_bundle_pem, tasks })
+}
+
+/// The trusted token keys: the local signing key (when enabled), a JWKS file, a JWKS URL.
+async fn authenticator(config: &Config) -> Result<Authenticator, ControlError> {
+    let mut keys = local_keys(config)?;
+    if let Some(path) = &config.jwks_file {
+        let json = std::fs::read(path).map_err(|e| ControlError::JwksFile(path.clone(), e.to_string()))?;
+        keys.extend(token::keys_from_jwks(&json).map_err(|e| ControlError::JwksFile(path.clone(), e))?);
+    }
+    if let Some(source) = &config.jwks {
+        let json = source.fetch().await?;
+        keys.extend(token::keys_from_jwks(&json).map_err(ControlError::JwksKeys)?);
+    }
+    Ok(Authenticator::new(keys, config.token_issuer.clone()))
+}
+
+fn local_keys(config: &Config) -> Result<Vec<token::TrustedKey>, ControlError> {
+    Ok(match config.local_tokens {
+        true => vec![LocalSigner::load_or_create(&config.data_dir)?.trusted_key()],
+        false => vec![],
+    })
+}
+
+/// The gRPC server's TLS: a fresh key and SVID for the control plane's own identity.
+fn serving_config(ca: &Ca, config: &Config) -> Result<rustls::ServerConfig, ControlError> {
+    let (svid, key) = ca.issue_with_new_key(&config.identity, config.cert_ttl, OffsetDateTime::now_utc())?;
+    Ok(tls::server_config(svid.chain, key, None, &[meshlet_proto::connect::GRPC_ALPN])?)
+}
+
+/// Periodic work until `stop`: renew the serving certificate at half its life, prune the
+/// registry, refresh the JWKS. Failures are logged and retried; serving goes on.
+async fn background(
+    config: Config,
+    ca: Arc<Ca>,
+    auth: Arc<Authenticator>,
+    registry: Arc<Registry>,
+    serving: Arc<ArcSwap<rustls::ServerConfig>>,
+    stop: CancellationToken,
+) -> Result<(), ControlError> {
+    let mut renew = tokio::time::interval(config.cert_ttl / 2);
+    let mut prune = tokio::time::interval(Duration::from_secs(60));
+    let mut jwks = tokio::time::interval(JWKS_REFRESH);
+    // Each interval fires at once; the first tick of each is the start-up state.
+    renew.tick().await;
+    jwks.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = renew.tick() => match serving_config(&ca, &config) {
+                Ok(c) => serving.store(Arc::new(c)),
+                Err(e) => tracing::error!(error = %e, "renewing the control plane's serving certificate failed"),
+            },
+            _ = prune.tick() => registry.prune(OffsetDateTime::now_utc()),
+            _ = jwks.tick(), if config.jwks.is_some() => {
+                if let Err(e) = refresh_jwks(&config, &auth).await {
+                    tracing::warn!(error = %e, "JWKS refresh failed; keeping the previous keys");
+                }
+            }
+        }
+    }
+}
+
+async fn refresh_jwks(config: &Config, auth: &Authenticator) -> Result<(), ControlError> {
+    let Some(source) = &config.jwks else { return Ok(()) };
+    let mut keys = local_keys(config)?;
+    if let Some(path) = &config.jwks_file {
+        let json = std::fs::read(path).map_err(|e| ControlError::JwksFile(path.clone(), e.to_string()))?;
+        keys.extend(token::keys_from_jwks(&json).map_err(|e| ControlError::JwksFile(path.clone(), e))?);
+    }
+    let json = source.fetch().await?;
+    keys.extend(token::keys_from_jwks(&json).map_err(ControlError::JwksKeys)?);
+    auth.set_keys(keys);
+    Ok(())
+}

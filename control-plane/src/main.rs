@@ -1,1 +1,59 @@
-fn main(){}
+//! `meshlet-control`: parses flags and calls [`meshlet_control::run`].
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use meshlet_control::{Config, Listeners, ServeArgs};
+
+#[derive(Debug, Parser)]
+#[command(name = "meshlet-control", version, about = "meshlet's control plane: the mesh CA and its APIs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the Identity gRPC API and the admin API.
+    Serve(ServeArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    init_logging();
+    let Command::Serve(args) = Cli::parse().command;
+    let config = Config::try_from(args)?;
+    tracing::info!(?config, "starting");
+    let listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
+        .await
+        .with_context(|| format!("binding {} and {}", config.grpc_addr, config.admin_addr))?;
+    let running = meshlet_control::run(config, listeners, shutdown_signal()).await?;
+    running.wait().await?;
+    Ok(())
+}
+
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter: tracing_subscriber::filter::Targets = std::env::var("MESHLET_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO));
+    tracing_subscriber::registry().with(tracing_subscriber::fmt::layer()).with(filter).init();
+}
+
+/// Completes on SIGTERM (Kubernetes) or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -186,6 +186,8 @@ impl Ca {
         if now >= self.issuer_not_after {
             return Err(CaError::IssuerExpired(self.issuer_not_after));
         }
+        // Certificates carry whole seconds; keep the reported times equal to the certificate's.
+        let now = now.replace_nanosecond(0).expect("0 is a valid nanosecond");
         let params = svid_params(id, ttl, now, self.issuer_not_after)?;
         let leaf = params.signed_by(key, &self.issuer)?;
         Ok(Svid {

@@ -17,3 +17,5 @@ pub mod identity {
 /// The encoded `FileDescriptorSet` of every meshlet proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/meshlet_descriptor.bin"));
+
+pub mod connect;

@@ -1,0 +1,160 @@
+//! `meshlet-control serve` configuration: flags, each also settable as `MESHLET_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use meshlet_identity::{SpiffeId, TrustDomain};
+
+/// The namespace and service account the control plane's own SPIFFE ID names by default.
+pub const CONTROL_NAMESPACE: &str = "meshlet-system";
+pub const CONTROL_SERVICE_ACCOUNT: &str = "meshlet-control";
+
+/// Flags of `meshlet-control serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Folder for the CA (`<data-dir>/ca`, created on first start and reused) and the local
+    /// token signing key.
+    #[arg(long, env = "MESHLET_DATA_DIR", default_value = "/var/lib/meshlet")]
+    pub data_dir: PathBuf,
+    /// Load the CA from this folder instead (bundle.crt, issuer.crt, issuer.key; as mounted
+    /// from a Kubernetes Secret). Nothing is created there.
+    #[arg(long, env = "MESHLET_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// The SPIFFE trust domain.
+    #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: TrustDomain,
+    /// gRPC over TLS (Identity service).
+    #[arg(long, env = "MESHLET_GRPC_ADDR", default_value = "0.0.0.0:15012")]
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP: /ready, /live, /metrics, /v1/certs, /v1/trust-bundle.
+    #[arg(long, env = "MESHLET_ADMIN_ADDR", default_value = "0.0.0.0:15014")]
+    pub admin_addr: SocketAddr,
+    /// Lifetime of workload certificates, e.g. 24h, 90s.
+    #[arg(long, env = "MESHLET_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+    /// The control plane's own SPIFFE ID [default: spiffe://<trust-domain>/ns/meshlet-system/sa/meshlet-control]
+    #[arg(long, env = "MESHLET_IDENTITY")]
+    pub identity: Option<SpiffeId>,
+    /// Trust workload tokens signed by the keys of this JWKS file.
+    #[arg(long, env = "MESHLET_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Trust workload tokens signed by the keys at this URL, e.g.
+    /// https://kubernetes.default.svc/openid/v1/jwks (refreshed every 10 minutes).
+    #[arg(long, env = "MESHLET_JWKS_URL")]
+    pub jwks_url: Option<http::Uri>,
+    /// CA certificates (PEM) that verify an https --jwks-url.
+    #[arg(long, env = "MESHLET_JWKS_CA_FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// A file holding a bearer token sent to --jwks-url.
+    #[arg(long, env = "MESHLET_JWKS_TOKEN_FILE")]
+    pub jwks_token_file: Option<PathBuf>,
+    /// Require this `iss` in workload tokens.
+    #[arg(long, env = "MESHLET_TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+    /// Trust tokens minted with the local signing key (`meshletctl token`). Turn off in a
+    /// cluster.
+    #[arg(long, env = "MESHLET_LOCAL_TOKENS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub local_tokens: bool,
+    /// A certificate is reported `expiring` when less than this share of its life is left.
+    #[arg(long, env = "MESHLET_EXPIRING_SHARE", default_value_t = 0.25)]
+    pub expiring_share: f64,
+}
+
+/// The control plane's validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub ca_dir: Option<PathBuf>,
+    pub trust_domain: TrustDomain,
+    pub identity: SpiffeId,
+    pub cert_ttl: Duration,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks: Option<crate::jwks::JwksSource>,
+    pub token_issuer: Option<String>,
+    pub local_tokens: bool,
+    pub expiring_share: f64,
+}
+
+/// A configuration value that parsed but cannot be used; names its flag and variable.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag} (MESHLET_{env}): {reason}")]
+pub struct ConfigError {
+    flag: &'static str,
+    env: &'static str,
+    reason: String,
+}
+
+fn config_error(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { flag, env, reason: reason.into() }
+}
+
+impl Config {
+    /// A local configuration: CA and keys in `data_dir`, local tokens trusted.
+    pub fn local(data_dir: PathBuf, trust_domain: TrustDomain, cert_ttl: Duration) -> Result<Self, ConfigError> {
+        let identity = default_identity(&trust_domain)?;
+        Ok(Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            ca_dir: None,
+            trust_domain,
+            identity,
+            cert_ttl,
+            jwks_file: None,
+            jwks: None,
+            token_issuer: None,
+            local_tokens: true,
+            expiring_share: 0.25,
+        })
+    }
+}
+
+fn default_identity(td: &TrustDomain) -> Result<SpiffeId, ConfigError> {
+    SpiffeId::for_service_account(td, CONTROL_NAMESPACE, CONTROL_SERVICE_ACCOUNT)
+        .map_err(|e| config_error("trust-domain", "TRUST_DOMAIN", e.to_string()))
+}
+
+impl TryFrom<ServeArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Self, ConfigError> {
+        if a.cert_ttl < Duration::from_secs(10) {
+            return Err(config_error("cert-ttl", "CERT_TTL", "must be at least 10s"));
+        }
+        if !(0.0..1.0).contains(&a.expiring_share) {
+            return Err(config_error("expiring-share", "EXPIRING_SHARE", "must be at least 0 and below 1"));
+        }
+        let identity = match a.identity {
+            Some(id) if !id.is_member_of(&a.trust_domain) => {
+                return Err(config_error("identity", "IDENTITY", format!("{id} is not in trust domain {}", a.trust_domain)));
+            }
+            Some(id) => id,
+            None => default_identity(&a.trust_domain)?,
+        };
+        if a.jwks_file.is_none() && a.jwks_url.is_none() && !a.local_tokens {
+            return Err(config_error("local-tokens", "LOCAL_TOKENS", "false leaves no way to verify tokens: set --jwks-file or --jwks-url"));
+        }
+        let jwks = a.jwks_url.map(|url| crate::jwks::JwksSource {
+            url,
+            ca_file: a.jwks_ca_file,
+            bearer_token_file: a.jwks_token_file,
+        });
+        Ok(Self {
+            grpc_addr: a.grpc_addr,
+            admin_addr: a.admin_addr,
+            data_dir: a.data_dir,
+            ca_dir: a.ca_dir,
+            trust_domain: a.trust_domain,
+            identity,
+            cert_ttl: a.cert_ttl,
+            jwks_file: a.jwks_file,
+            jwks,
+            token_issuer: a.token_issuer,
+            local_tokens: a.local_tokens,
+            expiring_share: a.expiring_share,
+        })
+    }
+}

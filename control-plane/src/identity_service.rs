@@ -1,0 +1,94 @@
+//! `meshlet.identity.v1.Identity/Certify`: a CSR and a workload token in, an X509-SVID out.
+//!
+//! The order of checks is the security argument: authenticate the token, derive the SPIFFE
+//! ID from it (never from the CSR), check the CSR against that ID, then sign. Every refusal
+//! is a gRPC status whose message says what was wrong (never the token) and a counted
+//! metric.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshlet_identity::ca::Ca;
+use meshlet_identity::csr::{CsrError, check_csr};
+use meshlet_identity::{SpiffeId, TrustDomain};
+use meshlet_proto::identity::v1::identity_server::Identity;
+use meshlet_proto::identity::v1::{CertifyRequest, CertifyResponse};
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::{Metrics, RejectReason};
+use crate::registry::{Issued, Registry};
+use crate::token::Authenticator;
+
+/// The Identity service and what it needs.
+#[derive(Debug)]
+pub struct IdentityService {
+    pub ca: Arc<Ca>,
+    pub auth: Arc<Authenticator>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub trust_domain: TrustDomain,
+    pub cert_ttl: Duration,
+}
+
+impl IdentityService {
+    fn refuse(&self, reason: &str, status: Status) -> Status {
+        self.metrics.reject(RejectReason::from_reason(reason));
+        tracing::info!(reason, message = status.message(), "certify refused");
+        status
+    }
+
+    /// The whole Certify decision, without the gRPC wrapping.
+    pub fn certify_now(&self, req: CertifyRequest, now: OffsetDateTime) -> Result<CertifyResponse, Status> {
+        let workload = self
+            .auth
+            .authenticate(&req.token)
+            .map_err(|e| self.refuse(e.reason(), Status::unauthenticated(e.to_string())))?;
+        let id = SpiffeId::for_service_account(&self.trust_domain, &workload.namespace, &workload.service_account)
+            .map_err(|e| {
+                self.refuse("token_claims", Status::unauthenticated(format!("the token's names do not form a SPIFFE ID: {e}")))
+            })?;
+        let key = check_csr(&req.csr, &id).map_err(|e| {
+            let status = match e {
+                CsrError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),
+                _ => Status::invalid_argument(e.to_string()),
+            };
+            self.refuse(e.reason(), status)
+        })?;
+        let pod_ip = match req.pod_ip.as_str() {
+            "" => None,
+            ip => Some(ip.parse::<IpAddr>().map_err(|_| {
+                self.refuse("bad_pod_ip", Status::invalid_argument(format!("pod_ip {ip:?} is not an IP address")))
+            })?),
+        };
+        let svid = self
+            .ca
+            .issue(&id, &key, self.cert_ttl, now)
+            .map_err(|e| self.refuse("ca_error", Status::internal(format!("the CA could not sign: {e}"))))?;
+        self.registry.record(Issued {
+            spiffe_id: id.clone(),
+            namespace: workload.namespace,
+            pod: workload.pod,
+            pod_ip,
+            serial: svid.serial.clone(),
+            issued_at: svid.not_before + meshlet_identity::ca::BACKDATE,
+            not_before: svid.not_before,
+            not_after: svid.not_after,
+        });
+        self.metrics.certificates_issued.inc();
+        tracing::debug!(spiffe_id = %id, serial = %svid.serial, "issued");
+        Ok(CertifyResponse {
+            certificate_chain: svid.chain.into_iter().map(|c| c.to_vec()).collect(),
+            trust_bundle: self.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
+            expires_at_unix: svid.not_after.unix_timestamp(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn certify(&self, request: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
+        self.certify_now(request.into_inner(), OffsetDateTime::now_utc()).map(Response::new)
+    }
+}

@@ -1,0 +1,180 @@
+//! What the CA has issued, per workload, for `/v1/certs` and (later) discovery.
+//!
+//! A workload is a pod when the token names one, else its SPIFFE ID. Entries are kept until
+//! an hour after their certificate expired, so an expired workload is still reported.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use meshlet_identity::SpiffeId;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// How long an expired entry is still reported before it is forgotten.
+pub const KEEP_EXPIRED: Duration = Duration::from_secs(3600);
+
+/// One issued certificate, as recorded.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub spiffe_id: SpiffeId,
+    pub namespace: String,
+    pub pod: Option<String>,
+    pub pod_ip: Option<IpAddr>,
+    pub serial: String,
+    pub issued_at: OffsetDateTime,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    last: Issued,
+    renewals: u64,
+}
+
+/// The health of a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertState {
+    Valid,
+    Expiring,
+    Expired,
+}
+
+/// Decides a certificate's state: `expiring` once less than `expiring_share` of its
+/// lifetime is left, `expired` from `not_after` on.
+pub fn cert_state(not_before: OffsetDateTime, not_after: OffsetDateTime, now: OffsetDateTime, expiring_share: f64) -> CertState {
+    if now >= not_after {
+        return CertState::Expired;
+    }
+    let life = (not_after - not_before).as_seconds_f64();
+    let left = (not_after - now).as_seconds_f64();
+    if left < life * expiring_share { CertState::Expiring } else { CertState::Valid }
+}
+
+/// One workload in `/v1/certs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadStatus {
+    pub spiffe_id: SpiffeId,
+    pub pod: Option<String>,
+    pub pod_ip: Option<IpAddr>,
+    pub serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    pub renewals: u64,
+    pub state: CertState,
+}
+
+/// The issued-certificate registry.
+#[derive(Debug, Default)]
+pub struct Registry {
+    entries: DashMap<String, Entry>,
+}
+
+impl Registry {
+    /// Records an issuance; a workload that already had a certificate counts a renewal.
+    pub fn record(&self, issued: Issued) {
+        let key = match &issued.pod {
+            Some(pod) => format!("{}/{pod}", issued.namespace),
+            None => issued.spiffe_id.to_string(),
+        };
+        self.entries
+            .entry(key)
+            .and_modify(|e| {
+                e.renewals += 1;
+                e.last = issued.clone();
+            })
+            .or_insert(Entry { last: issued, renewals: 0 });
+    }
+
+    /// The workloads, sorted by SPIFFE ID then pod.
+    pub fn snapshot(&self, now: OffsetDateTime, expiring_share: f64) -> Vec<WorkloadStatus> {
+        let mut out: Vec<WorkloadStatus> = self
+            .entries
+            .iter()
+            .map(|e| {
+                let i = &e.last;
+                WorkloadStatus {
+                    spiffe_id: i.spiffe_id.clone(),
+                    pod: i.pod.as_ref().map(|p| format!("{}/{p}", i.namespace)),
+                    pod_ip: i.pod_ip,
+                    serial: i.serial.clone(),
+                    issued_at: i.issued_at,
+                    not_after: i.not_after,
+                    renewals: e.renewals,
+                    state: cert_state(i.not_before, i.not_after, now, expiring_share),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.spiffe_id, &a.pod).cmp(&(&b.spiffe_id, &b.pod)));
+        out
+    }
+
+    /// Forgets workloads whose certificate expired more than [`KEEP_EXPIRED`] ago.
+    pub fn prune(&self, now: OffsetDateTime) {
+        self.entries.retain(|_, e| e.last.not_after + KEEP_EXPIRED > now);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn state_follows_the_share_of_lifetime_left() {
+        let nb = datetime!(2026-01-01 00:00 UTC);
+        let na = datetime!(2026-01-02 00:00 UTC); // 24 h
+        let cases = [
+            (datetime!(2026-01-01 00:00 UTC), CertState::Valid),
+            (datetime!(2026-01-01 12:00 UTC), CertState::Valid),
+            (datetime!(2026-01-01 16:00 UTC), CertState::Valid), // exactly a third left
+            (datetime!(2026-01-01 16:01 UTC), CertState::Expiring),
+            (datetime!(2026-01-01 23:59 UTC), CertState::Expiring),
+            (datetime!(2026-01-02 00:00 UTC), CertState::Expired),
+            (datetime!(2026-02-01 00:00 UTC), CertState::Expired),
+        ];
+        for (now, want) in cases {
+            assert_eq!(cert_state(nb, na, now, 1.0 / 3.0), want, "{now}");
+        }
+    }
+
+    #[test]
+    fn renewals_count_per_pod_and_expired_entries_are_pruned() {
+        let reg = Registry::default();
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").expect("valid");
+        let at = datetime!(2026-01-01 00:00 UTC);
+        let issued = |pod: &str, h: i64| Issued {
+            spiffe_id: id.clone(),
+            namespace: "a".into(),
+            pod: Some(pod.into()),
+            pod_ip: None,
+            serial: format!("{h:02x}"),
+            issued_at: at + time::Duration::hours(h),
+            not_before: at + time::Duration::hours(h),
+            not_after: at + time::Duration::hours(h + 24),
+        };
+        reg.record(issued("p1", 0));
+        reg.record(issued("p1", 12));
+        reg.record(issued("p2", 0));
+        let snap = reg.snapshot(at + time::Duration::hours(13), 1.0 / 3.0);
+        let summary: Vec<_> = snap.iter().map(|w| (w.pod.clone().unwrap_or_default(), w.renewals, w.serial.clone())).collect();
+        assert_eq!(summary, vec![("a/p1".into(), 1, "0c".into()), ("a/p2".into(), 0, "00".into())]);
+
+        reg.prune(at + time::Duration::hours(25)); // p2 expired an hour ago: still kept
+        assert_eq!(reg.len(), 2);
+        reg.prune(at + time::Duration::hours(25) + time::Duration::minutes(1));
+        assert_eq!(reg.len(), 1);
+    }
+}
