@@ -115,7 +115,7 @@ impl Registry {
 
     /// Forgets workloads whose certificate expired more than [`KEEP_EXPIRED`] ago.
     pub fn prune(&self, now: OffsetDateTime) {
-        self.entries.retain(|_, e| e.last.not_after + KEEP_EXPIRED > now);
+        self.entries.retain(|_, e| e.last.not_after + KEEP_EXPIRED >= now);
     }
 
     pub fn len(&self) -> usize {
