@@ -36,7 +36,10 @@ pub(crate) struct DemoArgs {
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let temp = tempfile::tempdir().context("creating a temporary folder")?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_owned());
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_owned());
     let td = TrustDomain::parse("cluster.local").expect("a valid constant trust domain");
     let config = Config::local(data_dir.clone(), td.clone(), args.cert_ttl)?;
     let listeners = Listeners::bind(config.grpc_addr, config.admin_addr).await?;
@@ -48,7 +51,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     println!("meshlet demo: identity round trip on loopback\n");
     println!("control plane");
-    println!("  gRPC (TLS)   {}  presents {}", control.grpc_addr, control.identity);
+    println!(
+        "  gRPC (TLS)   {}  presents {}",
+        control.grpc_addr, control.identity
+    );
     println!("  admin        http://{}/v1/certs", control.admin_addr);
     println!("  CA folder    {}", data_dir.join("ca").display());
 
@@ -62,13 +68,27 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn round_trip(args: &DemoArgs, control: &meshlet_control::Running, data_dir: &std::path::Path, td: &TrustDomain) -> anyhow::Result<()> {
-    let bundle: Vec<CertificateDer<'static>> = rustls::pki_types::pem::PemObject::pem_slice_iter(control.trust_bundle_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .context("reading the trust bundle")?;
+async fn round_trip(
+    args: &DemoArgs,
+    control: &meshlet_control::Running,
+    data_dir: &std::path::Path,
+    td: &TrustDomain,
+) -> anyhow::Result<()> {
+    let bundle: Vec<CertificateDer<'static>> =
+        rustls::pki_types::pem::PemObject::pem_slice_iter(control.trust_bundle_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .context("reading the trust bundle")?;
     let roots = tls::root_store(&bundle)?;
-    let grpc_tls = tls::client_config(roots.clone(), Expected::Exact(control.identity.clone()), None, &[meshlet_proto::connect::GRPC_ALPN])?;
-    let mut client = IdentityClient::new(meshlet_proto::connect::tls_channel(control.grpc_addr, Arc::new(grpc_tls)));
+    let grpc_tls = tls::client_config(
+        roots.clone(),
+        Expected::Exact(control.identity.clone()),
+        None,
+        &[meshlet_proto::connect::GRPC_ALPN],
+    )?;
+    let mut client = IdentityClient::new(meshlet_proto::connect::tls_channel(
+        control.grpc_addr,
+        Arc::new(grpc_tls),
+    ));
 
     let signer = LocalSigner::load_or_create(data_dir)?;
     let (ns, sa) = ("demo", "web");
@@ -79,35 +99,92 @@ async fn round_trip(args: &DemoArgs, control: &meshlet_control::Running, data_di
 
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let csr = build_csr(&key, None)?;
-    println!("  key + CSR    ECDSA P-256, made in memory ({} byte CSR)", csr.len());
+    println!(
+        "  key + CSR    ECDSA P-256, made in memory ({} byte CSR)",
+        csr.len()
+    );
     let response = client
-        .certify(CertifyRequest { csr, token: token.clone(), pod_ip: "127.0.0.1".into() })
+        .certify(CertifyRequest {
+            csr,
+            token: token.clone(),
+            pod_ip: "127.0.0.1".into(),
+        })
         .await
         .context("Certify over TLS")?
         .into_inner();
-    check("the control plane's TLS certificate carried its SPIFFE ID", true)?;
+    check(
+        "the control plane's TLS certificate carried its SPIFFE ID",
+        true,
+    )?;
 
-    let chain: Vec<CertificateDer<'static>> = response.certificate_chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
+    let chain: Vec<CertificateDer<'static>> = response
+        .certificate_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
     let leaf = chain.first().context("the response has no certificate")?;
     let summary = cert::summarize(leaf)?;
-    println!("  certificate  {}", summary.spiffe_id.as_ref().map(|s| s.to_string()).unwrap_or_default());
+    println!(
+        "  certificate  {}",
+        summary
+            .spiffe_id
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
     println!("               serial {}", summary.serial);
-    println!("               valid {} .. {}", rfc3339(summary.not_before), rfc3339(summary.not_after));
-    check(&format!("the certificate names {want}"), summary.spiffe_id.as_ref() == Some(&want))?;
-    check("expires_at_unix matches the certificate", response.expires_at_unix == summary.not_after.unix_timestamp())?;
-    let verifier = meshlet_identity::verify::SpiffeServerVerifier::new(roots, Expected::Exact(want.clone()), &tls::provider());
+    println!(
+        "               valid {} .. {}",
+        rfc3339(summary.not_before),
+        rfc3339(summary.not_after)
+    );
+    check(
+        &format!("the certificate names {want}"),
+        summary.spiffe_id.as_ref() == Some(&want),
+    )?;
+    check(
+        "expires_at_unix matches the certificate",
+        response.expires_at_unix == summary.not_after.unix_timestamp(),
+    )?;
+    let verifier = meshlet_identity::verify::SpiffeServerVerifier::new(
+        roots,
+        Expected::Exact(want.clone()),
+        &tls::provider(),
+    );
     let name = ServerName::try_from("demo.invalid")?;
     let verified = verifier.verify_server_cert(leaf, &chain[1..], &name, &[], UnixTime::now());
-    check("the chain verifies against the trust bundle (rustls-webpki) with the X509-SVID rules", verified.is_ok())?;
-    check("the trust bundle in the response is the CA's", response.trust_bundle.iter().map(|c| &c[..]).eq(bundle.iter().map(|c| &c[..])))?;
+    check(
+        "the chain verifies against the trust bundle (rustls-webpki) with the X509-SVID rules",
+        verified.is_ok(),
+    )?;
+    check(
+        "the trust bundle in the response is the CA's",
+        response
+            .trust_bundle
+            .iter()
+            .map(|c| &c[..])
+            .eq(bundle.iter().map(|c| &c[..])),
+    )?;
 
     // The identity comes from the token, never from the CSR.
     let other = SpiffeId::for_service_account(td, ns, "admin")?;
-    let sneaky = build_csr(&rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?, Some(&other))?;
-    let refused = client.certify(CertifyRequest { csr: sneaky, token, pod_ip: String::new() }).await;
+    let sneaky = build_csr(
+        &rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+        Some(&other),
+    )?;
+    let refused = client
+        .certify(CertifyRequest {
+            csr: sneaky,
+            token,
+            pod_ip: String::new(),
+        })
+        .await;
     match refused {
         Err(status) if status.code() == tonic::Code::PermissionDenied => {
-            check(&format!("a CSR asking for {other} is refused: {}", status.message()), true)?;
+            check(
+                &format!("a CSR asking for {other} is refused: {}", status.message()),
+                true,
+            )?;
         }
         other => bail!("a CSR for another identity was not refused: {other:?}"),
     }
@@ -115,14 +192,23 @@ async fn round_trip(args: &DemoArgs, control: &meshlet_control::Running, data_di
     let certs = http_get(control.admin_addr, "/v1/certs").await?;
     let listed = certs.contains(want.as_str()) && certs.contains("\"state\":\"valid\"");
     println!("\nadmin API /v1/certs\n  {certs}");
-    check("the control plane lists the workload's certificate as valid", listed)?;
+    check(
+        "the control plane lists the workload's certificate as valid",
+        listed,
+    )?;
 
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)?;
-        let pem: String = chain.iter().map(|c| meshlet_identity::ca::pem("CERTIFICATE", c)).collect();
+        let pem: String = chain
+            .iter()
+            .map(|c| meshlet_identity::ca::pem("CERTIFICATE", c))
+            .collect();
         std::fs::write(out.join("svid.pem"), pem)?;
         std::fs::write(out.join("bundle.pem"), &control.trust_bundle_pem)?;
-        println!("\nwrote {} and bundle.pem (certificates only; the key stayed in memory)", out.join("svid.pem").display());
+        println!(
+            "\nwrote {} and bundle.pem (certificates only; the key stayed in memory)",
+            out.join("svid.pem").display()
+        );
     }
     Ok(())
 }
@@ -134,19 +220,25 @@ fn check(what: &str, ok: bool) -> anyhow::Result<()> {
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| t.to_string())
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
 }
 
 /// A minimal HTTP/1.0 GET to the admin API on loopback.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: meshlet\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: meshlet\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8(buf)?;
     match text.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") => Ok(body.to_owned()),
+        Some((head, body))
+            if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") =>
+        {
+            Ok(body.to_owned())
+        }
         _ => bail!("GET {path}: unexpected answer {text:?}"),
     }
 }

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use meshlet_control::token::LocalSigner;
 
 #[derive(Debug, Parser)]
-#[command(name = "meshletctl", version, about = "Operate and try out the meshlet service mesh")]
+#[command(
+    name = "meshletctl",
+    version,
+    about = "Operate and try out the meshlet service mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,7 +57,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Token(args) => {
             let signer = LocalSigner::load_or_create(&args.data_dir)?;
-            let token = signer.mint(&args.namespace, &args.service_account, args.pod.as_deref(), args.ttl)?;
+            let token = signer.mint(
+                &args.namespace,
+                &args.service_account,
+                args.pod.as_deref(),
+                args.ttl,
+            )?;
             println!("{token}");
             Ok(())
         }

@@ -54,7 +54,10 @@ pub struct RootStatus {
 
 impl From<CertSummary> for RootStatus {
     fn from(c: CertSummary) -> Self {
-        Self { subject: c.subject, not_after: c.not_after }
+        Self {
+            subject: c.subject,
+            not_after: c.not_after,
+        }
     }
 }
 
@@ -87,20 +90,32 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     }
 }
 
-fn route(state: &AdminState, req: &Request<Incoming>, now: OffsetDateTime) -> Response<Full<Bytes>> {
+fn route(
+    state: &AdminState,
+    req: &Request<Incoming>,
+    now: OffsetDateTime,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
     match req.uri().path() {
         "/ready" | "/live" => text(StatusCode::OK, "ok\n"),
-        "/metrics" => {
-            let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, &state.metrics) {
-                Ok(()) => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body),
-                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n"),
-            }
-        }
-        "/v1/trust-bundle" => respond(StatusCode::OK, "application/x-pem-file", state.ca.trust_bundle_pem()),
+        "/metrics" => match meshlet_telemetry::prometheus_text(&state.metrics) {
+            Ok(body) => respond(
+                StatusCode::OK,
+                meshlet_telemetry::PROMETHEUS_CONTENT_TYPE,
+                body,
+            ),
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "metrics encoding failed\n",
+            ),
+        },
+        "/v1/trust-bundle" => respond(
+            StatusCode::OK,
+            "application/x-pem-file",
+            state.ca.trust_bundle_pem(),
+        ),
         "/v1/certs" => {
             let filter = match CertsFilter::parse(req.uri().query().unwrap_or("")) {
                 Ok(f) => f,
@@ -143,17 +158,28 @@ impl CertsFilter {
                         "valid" => CertState::Valid,
                         "expiring" => CertState::Expiring,
                         "expired" => CertState::Expired,
-                        _ => return Err(format!("state must be valid, expiring or expired, not {v:?}\n")),
+                        _ => {
+                            return Err(format!(
+                                "state must be valid, expiring or expired, not {v:?}\n"
+                            ));
+                        }
                     })
                 }
-                _ => return Err(format!("unknown query parameter {k:?} (namespace, state)\n")),
+                _ => {
+                    return Err(format!(
+                        "unknown query parameter {k:?} (namespace, state)\n"
+                    ));
+                }
             }
         }
         Ok(f)
     }
 
     fn keeps(&self, w: &WorkloadStatus) -> bool {
-        let ns_ok = self.namespace.as_ref().is_none_or(|ns| w.spiffe_id.path().starts_with(&format!("/ns/{ns}/")));
+        let ns_ok = self
+            .namespace
+            .as_ref()
+            .is_none_or(|ns| w.spiffe_id.path().starts_with(&format!("/ns/{ns}/")));
         ns_ok && self.state.is_none_or(|s| s == w.state)
     }
 }
@@ -161,7 +187,10 @@ impl CertsFilter {
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     resp
 }
 

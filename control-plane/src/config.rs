@@ -88,12 +88,20 @@ pub struct ConfigError {
 }
 
 fn config_error(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError { flag, env, reason: reason.into() }
+    ConfigError {
+        flag,
+        env,
+        reason: reason.into(),
+    }
 }
 
 impl Config {
     /// A local configuration: CA and keys in `data_dir`, local tokens trusted.
-    pub fn local(data_dir: PathBuf, trust_domain: TrustDomain, cert_ttl: Duration) -> Result<Self, ConfigError> {
+    pub fn local(
+        data_dir: PathBuf,
+        trust_domain: TrustDomain,
+        cert_ttl: Duration,
+    ) -> Result<Self, ConfigError> {
         let identity = default_identity(&trust_domain)?;
         Ok(Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -125,17 +133,29 @@ impl TryFrom<ServeArgs> for Config {
             return Err(config_error("cert-ttl", "CERT_TTL", "must be at least 10s"));
         }
         if !(0.0..1.0).contains(&a.expiring_share) {
-            return Err(config_error("expiring-share", "EXPIRING_SHARE", "must be at least 0 and below 1"));
+            return Err(config_error(
+                "expiring-share",
+                "EXPIRING_SHARE",
+                "must be at least 0 and below 1",
+            ));
         }
         let identity = match a.identity {
             Some(id) if !id.is_member_of(&a.trust_domain) => {
-                return Err(config_error("identity", "IDENTITY", format!("{id} is not in trust domain {}", a.trust_domain)));
+                return Err(config_error(
+                    "identity",
+                    "IDENTITY",
+                    format!("{id} is not in trust domain {}", a.trust_domain),
+                ));
             }
             Some(id) => id,
             None => default_identity(&a.trust_domain)?,
         };
         if a.jwks_file.is_none() && a.jwks_url.is_none() && !a.local_tokens {
-            return Err(config_error("local-tokens", "LOCAL_TOKENS", "false leaves no way to verify tokens: set --jwks-file or --jwks-url"));
+            return Err(config_error(
+                "local-tokens",
+                "LOCAL_TOKENS",
+                "false leaves no way to verify tokens: set --jwks-file or --jwks-url",
+            ));
         }
         let jwks = a.jwks_url.map(|url| crate::jwks::JwksSource {
             url,

@@ -35,20 +35,31 @@ pub struct IdentityService {
 impl IdentityService {
     fn refuse(&self, reason: &str, status: Status) -> Status {
         self.metrics.reject(RejectReason::from_reason(reason));
-        tracing::info!(reason, message = status.message(), "certify refused");
+        tracing::info!(reason, error = status.message(), "certify refused");
         status
     }
 
     /// The whole Certify decision, without the gRPC wrapping.
-    pub fn certify_now(&self, req: CertifyRequest, now: OffsetDateTime) -> Result<CertifyResponse, Status> {
+    pub fn certify_now(
+        &self,
+        req: CertifyRequest,
+        now: OffsetDateTime,
+    ) -> Result<CertifyResponse, Status> {
         let workload = self
             .auth
             .authenticate(&req.token)
             .map_err(|e| self.refuse(e.reason(), Status::unauthenticated(e.to_string())))?;
-        let id = SpiffeId::for_service_account(&self.trust_domain, &workload.namespace, &workload.service_account)
-            .map_err(|e| {
-                self.refuse("token_claims", Status::unauthenticated(format!("the token's names do not form a SPIFFE ID: {e}")))
-            })?;
+        let id = SpiffeId::for_service_account(
+            &self.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
+        .map_err(|e| {
+            self.refuse(
+                "token_claims",
+                Status::unauthenticated(format!("the token's names do not form a SPIFFE ID: {e}")),
+            )
+        })?;
         let key = check_csr(&req.csr, &id).map_err(|e| {
             let status = match e {
                 CsrError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),
@@ -59,13 +70,18 @@ impl IdentityService {
         let pod_ip = match req.pod_ip.as_str() {
             "" => None,
             ip => Some(ip.parse::<IpAddr>().map_err(|_| {
-                self.refuse("bad_pod_ip", Status::invalid_argument(format!("pod_ip {ip:?} is not an IP address")))
+                self.refuse(
+                    "bad_pod_ip",
+                    Status::invalid_argument(format!("pod_ip {ip:?} is not an IP address")),
+                )
             })?),
         };
-        let svid = self
-            .ca
-            .issue(&id, &key, self.cert_ttl, now)
-            .map_err(|e| self.refuse("ca_error", Status::internal(format!("the CA could not sign: {e}"))))?;
+        let svid = self.ca.issue(&id, &key, self.cert_ttl, now).map_err(|e| {
+            self.refuse(
+                "ca_error",
+                Status::internal(format!("the CA could not sign: {e}")),
+            )
+        })?;
         self.registry.record(Issued {
             spiffe_id: id.clone(),
             namespace: workload.namespace,
@@ -88,7 +104,11 @@ impl IdentityService {
 
 #[tonic::async_trait]
 impl Identity for IdentityService {
-    async fn certify(&self, request: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
-        self.certify_now(request.into_inner(), OffsetDateTime::now_utc()).map(Response::new)
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        self.certify_now(request.into_inner(), OffsetDateTime::now_utc())
+            .map(Response::new)
     }
 }

@@ -45,16 +45,29 @@ impl JwksSource {
         let https = match url.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err(JwksError::Url(url.to_string(), "the scheme must be http or https")),
+            _ => {
+                return Err(JwksError::Url(
+                    url.to_string(),
+                    "the scheme must be http or https",
+                ));
+            }
         };
-        let host = url.host().ok_or_else(|| JwksError::Url(url.to_string(), "no host"))?.to_owned();
+        let host = url
+            .host()
+            .ok_or_else(|| JwksError::Url(url.to_string(), "no host"))?
+            .to_owned();
         let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let mut request = http::Request::get(url.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-            .header(http::header::HOST, &host)
-            .header(http::header::ACCEPT, "application/json");
+        let mut request =
+            http::Request::get(url.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+                .header(http::header::HOST, &host)
+                .header(http::header::ACCEPT, "application/json");
         if let Some(file) = &self.bearer_token_file {
-            let token = std::fs::read_to_string(file).map_err(|e| JwksError::File(file.clone(), e))?;
-            request = request.header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+            let token =
+                std::fs::read_to_string(file).map_err(|e| JwksError::File(file.clone(), e))?;
+            request = request.header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.trim()),
+            );
         }
         let request = request
             .body(Empty::<bytes::Bytes>::new())
@@ -78,7 +91,10 @@ impl JwksSource {
     }
 
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, JwksError> {
-        let file = self.ca_file.as_ref().ok_or_else(|| JwksError::Tls("required for an https JWKS URL".into()))?;
+        let file = self
+            .ca_file
+            .as_ref()
+            .ok_or_else(|| JwksError::Tls("required for an https JWKS URL".into()))?;
         let pem = std::fs::read(file).map_err(|e| JwksError::File(file.clone(), e))?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
@@ -95,12 +111,17 @@ impl JwksSource {
     }
 }
 
-async fn send<S>(stream: S, request: http::Request<Empty<bytes::Bytes>>) -> Result<Vec<u8>, JwksError>
+async fn send<S>(
+    stream: S,
+    request: http::Request<Empty<bytes::Bytes>>,
+) -> Result<Vec<u8>, JwksError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let fetch = |e: hyper::Error| JwksError::Fetch(e.to_string());
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(fetch)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(fetch)?;
     let conn = tokio::spawn(conn);
     let response = sender.send_request(request).await.map_err(fetch)?;
     if !response.status().is_success() {

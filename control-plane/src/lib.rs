@@ -27,9 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use meshlet_identity::SpiffeId;
 use meshlet_identity::ca::{Ca, CaError};
 use meshlet_identity::tls::{self, TlsConfigError};
-use meshlet_identity::SpiffeId;
 use meshlet_proto::identity::v1::identity_server::IdentityServer;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -81,7 +81,10 @@ pub struct Listeners {
 impl Listeners {
     /// Binds both listeners.
     pub async fn bind(grpc: SocketAddr, admin: SocketAddr) -> std::io::Result<Self> {
-        Ok(Self { grpc: TcpListener::bind(grpc).await?, admin: TcpListener::bind(admin).await? })
+        Ok(Self {
+            grpc: TcpListener::bind(grpc).await?,
+            admin: TcpListener::bind(admin).await?,
+        })
     }
 }
 
@@ -142,9 +145,11 @@ pub async fn run(
         .register_encoded_file_descriptor_set(meshlet_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ControlError::Reflection(e.to_string()))?;
-    let routes = tonic::service::Routes::new(IdentityServer::from_arc(service).max_decoding_message_size(MAX_REQUEST_LEN))
-        .add_service(reflection)
-        .add_service(reflection_alpha);
+    let routes = tonic::service::Routes::new(
+        IdentityServer::from_arc(service).max_decoding_message_size(MAX_REQUEST_LEN),
+    )
+    .add_service(reflection)
+    .add_service(reflection_alpha);
 
     let running_grpc = listeners.grpc.local_addr()?;
     let running_admin = listeners.admin.local_addr()?;
@@ -179,15 +184,24 @@ pub async fn run(
     let identity = config.identity.clone();
     tasks.spawn(background(config, ca, auth, registry, serving, stop));
     tracing::info!(grpc = %running_grpc, admin = %running_admin, %identity, "control plane serving");
-    Ok(Running { grpc_addr: running_grpc, admin_addr: running_admin, identity, trust_bundle_pem, tasks })
+    Ok(Running {
+        grpc_addr: running_grpc,
+        admin_addr: running_admin,
+        identity,
+        trust_bundle_pem,
+        tasks,
+    })
 }
 
 /// The trusted token keys: the local signing key (when enabled), a JWKS file, a JWKS URL.
 async fn authenticator(config: &Config) -> Result<Authenticator, ControlError> {
     let mut keys = local_keys(config)?;
     if let Some(path) = &config.jwks_file {
-        let json = std::fs::read(path).map_err(|e| ControlError::JwksFile(path.clone(), e.to_string()))?;
-        keys.extend(token::keys_from_jwks(&json).map_err(|e| ControlError::JwksFile(path.clone(), e))?);
+        let json =
+            std::fs::read(path).map_err(|e| ControlError::JwksFile(path.clone(), e.to_string()))?;
+        keys.extend(
+            token::keys_from_jwks(&json).map_err(|e| ControlError::JwksFile(path.clone(), e))?,
+        );
     }
     if let Some(source) = &config.jwks {
         let json = source.fetch().await?;
@@ -205,8 +219,14 @@ fn local_keys(config: &Config) -> Result<Vec<token::TrustedKey>, ControlError> {
 
 /// The gRPC server's TLS: a fresh key and SVID for the control plane's own identity.
 fn serving_config(ca: &Ca, config: &Config) -> Result<rustls::ServerConfig, ControlError> {
-    let (svid, key) = ca.issue_with_new_key(&config.identity, config.cert_ttl, OffsetDateTime::now_utc())?;
-    Ok(tls::server_config(svid.chain, key, None, &[meshlet_proto::connect::GRPC_ALPN])?)
+    let (svid, key) =
+        ca.issue_with_new_key(&config.identity, config.cert_ttl, OffsetDateTime::now_utc())?;
+    Ok(tls::server_config(
+        svid.chain,
+        key,
+        None,
+        &[meshlet_proto::connect::GRPC_ALPN],
+    )?)
 }
 
 /// Periodic work until `stop`: renew the serving certificate at half its life, prune the
@@ -243,11 +263,16 @@ async fn background(
 }
 
 async fn refresh_jwks(config: &Config, auth: &Authenticator) -> Result<(), ControlError> {
-    let Some(source) = &config.jwks else { return Ok(()) };
+    let Some(source) = &config.jwks else {
+        return Ok(());
+    };
     let mut keys = local_keys(config)?;
     if let Some(path) = &config.jwks_file {
-        let json = std::fs::read(path).map_err(|e| ControlError::JwksFile(path.clone(), e.to_string()))?;
-        keys.extend(token::keys_from_jwks(&json).map_err(|e| ControlError::JwksFile(path.clone(), e))?);
+        let json =
+            std::fs::read(path).map_err(|e| ControlError::JwksFile(path.clone(), e.to_string()))?;
+        keys.extend(
+            token::keys_from_jwks(&json).map_err(|e| ControlError::JwksFile(path.clone(), e))?,
+        );
     }
     let json = source.fetch().await?;
     keys.extend(token::keys_from_jwks(&json).map_err(ControlError::JwksKeys)?);

@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use meshlet_control::{Config, Listeners, ServeArgs};
 
 #[derive(Debug, Parser)]
-#[command(name = "meshlet-control", version, about = "meshlet's control plane: the mesh CA and its APIs")]
+#[command(
+    name = "meshlet-control",
+    version,
+    about = "meshlet's control plane: the mesh CA and its APIs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,8 +41,13 @@ fn init_logging() {
     let filter: tracing_subscriber::filter::Targets = std::env::var("MESHLET_LOG")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO));
-    tracing_subscriber::registry().with(tracing_subscriber::fmt::layer()).with(filter).init();
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
+        .init();
 }
 
 /// Completes on SIGTERM (Kubernetes) or Ctrl-C.

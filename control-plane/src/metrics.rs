@@ -78,6 +78,8 @@ impl Metrics {
     }
 
     pub fn reject(&self, reason: RejectReason) {
-        self.csr_rejected.get_or_create(&RejectLabels { reason }).inc();
+        self.csr_rejected
+            .get_or_create(&RejectLabels { reason })
+            .inc();
     }
 }

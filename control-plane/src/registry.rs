@@ -44,13 +44,22 @@ pub enum CertState {
 
 /// Decides a certificate's state: `expiring` once less than `expiring_share` of its
 /// lifetime is left, `expired` from `not_after` on.
-pub fn cert_state(not_before: OffsetDateTime, not_after: OffsetDateTime, now: OffsetDateTime, expiring_share: f64) -> CertState {
+pub fn cert_state(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    now: OffsetDateTime,
+    expiring_share: f64,
+) -> CertState {
     if now >= not_after {
         return CertState::Expired;
     }
     let life = (not_after - not_before).as_seconds_f64();
     let left = (not_after - now).as_seconds_f64();
-    if left < life * expiring_share { CertState::Expiring } else { CertState::Valid }
+    if left < life * expiring_share {
+        CertState::Expiring
+    } else {
+        CertState::Valid
+    }
 }
 
 /// One workload in `/v1/certs`.
@@ -87,7 +96,10 @@ impl Registry {
                 e.renewals += 1;
                 e.last = issued.clone();
             })
-            .or_insert(Entry { last: issued, renewals: 0 });
+            .or_insert(Entry {
+                last: issued,
+                renewals: 0,
+            });
     }
 
     /// The workloads, sorted by SPIFFE ID then pod.
@@ -115,7 +127,8 @@ impl Registry {
 
     /// Forgets workloads whose certificate expired more than [`KEEP_EXPIRED`] ago.
     pub fn prune(&self, now: OffsetDateTime) {
-        self.entries.retain(|_, e| e.last.not_after + KEEP_EXPIRED >= now);
+        self.entries
+            .retain(|_, e| e.last.not_after + KEEP_EXPIRED >= now);
     }
 
     pub fn len(&self) -> usize {
@@ -169,8 +182,23 @@ mod tests {
         reg.record(issued("p1", 12));
         reg.record(issued("p2", 0));
         let snap = reg.snapshot(at + time::Duration::hours(13), 1.0 / 3.0);
-        let summary: Vec<_> = snap.iter().map(|w| (w.pod.clone().unwrap_or_default(), w.renewals, w.serial.clone())).collect();
-        assert_eq!(summary, vec![("a/p1".into(), 1, "0c".into()), ("a/p2".into(), 0, "00".into())]);
+        let summary: Vec<_> = snap
+            .iter()
+            .map(|w| {
+                (
+                    w.pod.clone().unwrap_or_default(),
+                    w.renewals,
+                    w.serial.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("a/p1".into(), 1, "0c".into()),
+                ("a/p2".into(), 0, "00".into())
+            ]
+        );
 
         reg.prune(at + time::Duration::hours(25)); // p2 expired an hour ago: still kept
         assert_eq!(reg.len(), 2);

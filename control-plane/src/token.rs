@@ -117,20 +117,26 @@ pub struct TrustedKey {
 
 impl std::fmt::Debug for TrustedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustedKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("TrustedKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
 /// Reads the asymmetric keys of a JWKS document; symmetric (`oct`) keys are skipped.
 pub fn keys_from_jwks(json: &[u8]) -> Result<Vec<TrustedKey>, String> {
-    let set: JwkSet = serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let set: JwkSet =
+        serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
     let mut keys = Vec::new();
     for jwk in &set.keys {
         if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
             continue;
         }
         let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key: {e}"))?;
-        keys.push(TrustedKey { kid: jwk.common.key_id.clone(), key });
+        keys.push(TrustedKey {
+            kid: jwk.common.key_id.clone(),
+            key,
+        });
     }
     if keys.is_empty() {
         return Err("the JWKS holds no asymmetric key".into());
@@ -147,7 +153,10 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(keys: Vec<TrustedKey>, issuer: Option<String>) -> Self {
-        Self { keys: ArcSwap::from_pointee(keys), issuer }
+        Self {
+            keys: ArcSwap::from_pointee(keys),
+            issuer,
+        }
     }
 
     /// Replaces the trusted keys (keeps `extra`, such as the local key, in front).
@@ -163,8 +172,12 @@ impl Authenticator {
         let alg = header_alg(token)?;
         let keys = self.keys.load();
         let by_kid: Vec<&TrustedKey> = match jsonwebtoken::decode_header(token) {
-            Ok(Header { kid: Some(kid), .. }) if keys.iter().any(|k| k.kid.as_ref() == Some(&kid)) => {
-                keys.iter().filter(|k| k.kid.as_ref() == Some(&kid)).collect()
+            Ok(Header { kid: Some(kid), .. })
+                if keys.iter().any(|k| k.kid.as_ref() == Some(&kid)) =>
+            {
+                keys.iter()
+                    .filter(|k| k.kid.as_ref() == Some(&kid))
+                    .collect()
             }
             Ok(_) => keys.iter().collect(),
             Err(e) => return Err(TokenError::Malformed(e.to_string())),
@@ -181,8 +194,12 @@ impl Authenticator {
             match jsonwebtoken::decode::<Claims>(token, &candidate.key, &validation) {
                 Ok(data) => return workload_of(data.claims),
                 Err(e) => match e.kind() {
-                    ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat
-                    | ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidRsaKey(_) | ErrorKind::InvalidEddsaKey => {
+                    ErrorKind::InvalidSignature
+                    | ErrorKind::InvalidAlgorithm
+                    | ErrorKind::InvalidKeyFormat
+                    | ErrorKind::InvalidEcdsaKey
+                    | ErrorKind::InvalidRsaKey(_)
+                    | ErrorKind::InvalidEddsaKey => {
                         continue;
                     }
                     _ => return Err(claim_error(e.kind())),
@@ -206,7 +223,9 @@ fn header_alg(token: &str) -> Result<Algorithm, TokenError> {
     let Alg { alg } = serde_json::from_slice(&json)
         .map_err(|_| TokenError::Malformed("the header has no alg".into()))?;
     match alg.parse::<Algorithm>() {
-        Ok(Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) | Err(_) => Err(TokenError::Algorithm(alg)),
+        Ok(Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) | Err(_) => {
+            Err(TokenError::Algorithm(alg))
+        }
         Ok(alg) => Ok(alg),
     }
 }
@@ -228,12 +247,21 @@ fn workload_of(claims: Claims) -> Result<Workload, TokenError> {
     let missing = |what: &str| TokenError::Claims(format!("missing kubernetes.io {what}"));
     let k8s = claims.kubernetes.ok_or_else(|| missing("claim"))?;
     let namespace = k8s.namespace.ok_or_else(|| missing("namespace"))?;
-    let service_account = k8s.serviceaccount.ok_or_else(|| missing("serviceaccount"))?.name;
+    let service_account = k8s
+        .serviceaccount
+        .ok_or_else(|| missing("serviceaccount"))?
+        .name;
     let expected_sub = format!("system:serviceaccount:{namespace}:{service_account}");
     if claims.sub != expected_sub {
-        return Err(TokenError::Claims("sub does not match the kubernetes.io claim".into()));
+        return Err(TokenError::Claims(
+            "sub does not match the kubernetes.io claim".into(),
+        ));
     }
-    Ok(Workload { namespace, service_account, pod: k8s.pod.map(|p| p.name) })
+    Ok(Workload {
+        namespace,
+        service_account,
+        pod: k8s.pod.map(|p| p.name),
+    })
 }
 
 /// The control plane's own token signing key (ES256), for local development and the demo.
@@ -266,18 +294,30 @@ impl LocalSigner {
         let path = data_dir.join(SIGNING_KEY_FILE);
         if !path.exists() {
             let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            std::fs::create_dir_all(data_dir).map_err(|source| meshlet_identity::ca::CaError::Io {
-                path: data_dir.to_owned(),
-                source,
+            std::fs::create_dir_all(data_dir).map_err(|source| {
+                meshlet_identity::ca::CaError::Io {
+                    path: data_dir.to_owned(),
+                    source,
+                }
             })?;
             meshlet_identity::ca::write_new(&path, key.serialize_pem().as_bytes(), 0o600)?;
         }
-        let bad = |reason: String| SignerError::BadKey { path: path.display().to_string(), reason };
+        let bad = |reason: String| SignerError::BadKey {
+            path: path.display().to_string(),
+            reason,
+        };
         let pem = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
         let key = rcgen::KeyPair::from_pem(&pem).map_err(|e| bad(e.to_string()))?;
         let encoding = EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        let decoding = DecodingKey::from_ec_pem(key.public_key_pem().as_bytes()).map_err(|e| bad(e.to_string()))?;
-        Ok(Self { encoding, public: TrustedKey { kid: Some(LOCAL_KID.into()), key: decoding } })
+        let decoding = DecodingKey::from_ec_pem(key.public_key_pem().as_bytes())
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            encoding,
+            public: TrustedKey {
+                kid: Some(LOCAL_KID.into()),
+                key: decoding,
+            },
+        })
     }
 
     /// The key that verifies what this signer mints.
@@ -286,8 +326,17 @@ impl LocalSigner {
     }
 
     /// Mints a token with the claims of a projected service-account token.
-    pub fn mint(&self, namespace: &str, service_account: &str, pod: Option<&str>, ttl: Duration) -> Result<String, jsonwebtoken::errors::Error> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    pub fn mint(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: Option<&str>,
+        ttl: Duration,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
         let claims = Claims {
             iss: LOCAL_ISSUER.into(),
             sub: format!("system:serviceaccount:{namespace}:{service_account}"),
@@ -297,8 +346,14 @@ impl LocalSigner {
             nbf: now,
             kubernetes: Some(KubernetesClaims {
                 namespace: Some(namespace.into()),
-                pod: pod.map(|name| NamedRef { name: name.into(), uid: String::new() }),
-                serviceaccount: Some(NamedRef { name: service_account.into(), uid: String::new() }),
+                pod: pod.map(|name| NamedRef {
+                    name: name.into(),
+                    uid: String::new(),
+                }),
+                serviceaccount: Some(NamedRef {
+                    name: service_account.into(),
+                    uid: String::new(),
+                }),
             }),
         };
         self.sign_claims(&claims)

@@ -3,6 +3,8 @@
 //! message without the token, a counted metric), reflection, the admin API, and a restart
 //! that keeps the CA.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,8 +13,8 @@ use meshlet_control::token::{Claims, KubernetesClaims, LocalSigner, NamedRef};
 use meshlet_control::{Config, Listeners, Running};
 use meshlet_identity::csr::build_csr;
 use meshlet_identity::{Expected, SpiffeId, TrustDomain, tls};
-use meshlet_proto::identity::v1::CertifyRequest;
 use meshlet_proto::identity::v1::identity_client::IdentityClient;
+use meshlet_proto::identity::v1::{CertifyRequest, CertifyResponse};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,14 +37,20 @@ impl ControlPlane {
     async fn start_in(dir: tempfile::TempDir) -> Self {
         let td = TrustDomain::parse("cluster.local").unwrap();
         let config = Config::local(dir.path().to_owned(), td, Duration::from_secs(3600)).unwrap();
-        let listeners = Listeners::bind(config.grpc_addr, config.admin_addr).await.unwrap();
+        let listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
+            .await
+            .unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let running = meshlet_control::run(config, listeners, async move {
             let _ = stopped.await;
         })
         .await
         .unwrap();
-        Self { running: Some(running), stop: Some(stop), dir }
+        Self {
+            running: Some(running),
+            stop: Some(stop),
+            dir,
+        }
     }
 
     fn running(&self) -> &Running {
@@ -57,16 +65,40 @@ impl ControlPlane {
 
     fn channel_expecting(&self, expected: Expected) -> Channel {
         let roots = tls::root_store(&self.bundle()).unwrap();
-        let config = tls::client_config(roots, expected, None, &[meshlet_proto::connect::GRPC_ALPN]).unwrap();
+        let config =
+            tls::client_config(roots, expected, None, &[meshlet_proto::connect::GRPC_ALPN])
+                .unwrap();
         meshlet_proto::connect::tls_channel(self.running().grpc_addr, Arc::new(config))
     }
 
     fn client(&self) -> IdentityClient<Channel> {
-        IdentityClient::new(self.channel_expecting(Expected::Exact(self.running().identity.clone())))
+        IdentityClient::new(
+            self.channel_expecting(Expected::Exact(self.running().identity.clone())),
+        )
     }
 
     fn signer(&self) -> LocalSigner {
         LocalSigner::load_or_create(self.dir.path()).unwrap()
+    }
+
+    /// Certifies a fresh key as `ns`/`sa` (pod `pod`) with a good token.
+    async fn certify_as(
+        &self,
+        ns: &str,
+        sa: &str,
+        pod: Option<&str>,
+    ) -> Result<CertifyResponse, tonic::Status> {
+        let token = self
+            .signer()
+            .mint(ns, sa, pod, Duration::from_secs(60))
+            .unwrap();
+        let csr = build_csr(&p256(), None).unwrap();
+        let request = CertifyRequest {
+            csr,
+            token,
+            pod_ip: String::new(),
+        };
+        self.client().certify(request).await.map(|r| r.into_inner())
     }
 
     async fn stop(mut self) -> tempfile::TempDir {
@@ -81,7 +113,10 @@ fn p256() -> rcgen::KeyPair {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn claims(ns: &str, sa: &str) -> Claims {
@@ -94,17 +129,28 @@ fn claims(ns: &str, sa: &str) -> Claims {
         nbf: now(),
         kubernetes: Some(KubernetesClaims {
             namespace: Some(ns.into()),
-            pod: Some(NamedRef { name: format!("{sa}-0"), uid: String::new() }),
-            serviceaccount: Some(NamedRef { name: sa.into(), uid: String::new() }),
+            pod: Some(NamedRef {
+                name: format!("{sa}-0"),
+                uid: String::new(),
+            }),
+            serviceaccount: Some(NamedRef {
+                name: sa.into(),
+                uid: String::new(),
+            }),
         }),
     }
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: t\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8(buf).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
     (head[9..12].parse().unwrap(), body.to_owned())
@@ -112,7 +158,10 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 fn metric(text: &str, line_prefix: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(line_prefix).map(|v| v.trim().parse::<f64>().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix(line_prefix)
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
         .unwrap_or(0.0)
 }
 
@@ -120,28 +169,56 @@ fn metric(text: &str, line_prefix: &str) -> f64 {
 async fn csr_to_svid_round_trip() {
     let cp = ControlPlane::start().await;
     let key = p256();
-    let token = cp.signer().mint("prod", "api", Some("api-7d9"), Duration::from_secs(600)).unwrap();
+    let token = cp
+        .signer()
+        .mint("prod", "api", Some("api-7d9"), Duration::from_secs(600))
+        .unwrap();
     let resp = cp
         .client()
-        .certify(CertifyRequest { csr: build_csr(&key, None).unwrap(), token, pod_ip: "10.1.2.3".into() })
+        .certify(CertifyRequest {
+            csr: build_csr(&key, None).unwrap(),
+            token,
+            pod_ip: "10.1.2.3".into(),
+        })
         .await
         .unwrap()
         .into_inner();
 
     assert_eq!(resp.certificate_chain.len(), 2);
-    assert_eq!(resp.trust_bundle, cp.bundle().iter().map(|c| c.to_vec()).collect::<Vec<_>>());
+    assert_eq!(
+        resp.trust_bundle,
+        cp.bundle().iter().map(|c| c.to_vec()).collect::<Vec<_>>()
+    );
     let (_, leaf) = X509Certificate::from_der(&resp.certificate_chain[0]).unwrap();
     let san = leaf.subject_alternative_name().unwrap().unwrap();
-    assert_eq!(format!("{:?}", san.value.general_names), "[URI(\"spiffe://cluster.local/ns/prod/sa/api\")]");
-    assert_eq!(leaf.public_key().raw, &rcgen::PublicKeyData::subject_public_key_info(&key)[..]);
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        "[URI(\"spiffe://cluster.local/ns/prod/sa/api\")]"
+    );
+    assert_eq!(
+        leaf.public_key().raw,
+        &rcgen::PublicKeyData::subject_public_key_info(&key)[..]
+    );
     assert_eq!(leaf.validity().not_after.timestamp(), resp.expires_at_unix);
     let ttl = resp.expires_at_unix - leaf.validity().not_before.timestamp();
-    assert_eq!(ttl, 3600 + 60, "configured TTL plus the clock-skew backdate");
+    assert_eq!(
+        ttl,
+        3600 + 60,
+        "configured TTL plus the clock-skew backdate"
+    );
 
     // The issued leaf verifies as that SPIFFE ID against the trust bundle.
     let id = SpiffeId::parse("spiffe://cluster.local/ns/prod/sa/api").unwrap();
-    let verifier = meshlet_identity::verify::SpiffeServerVerifier::new(tls::root_store(&cp.bundle()).unwrap(), Expected::Exact(id), &tls::provider());
-    let chain: Vec<CertificateDer<'static>> = resp.certificate_chain.iter().map(|c| c.clone().into()).collect();
+    let verifier = meshlet_identity::verify::SpiffeServerVerifier::new(
+        tls::root_store(&cp.bundle()).unwrap(),
+        Expected::Exact(id),
+        &tls::provider(),
+    );
+    let chain: Vec<CertificateDer<'static>> = resp
+        .certificate_chain
+        .iter()
+        .map(|c| c.clone().into())
+        .collect();
     rustls::client::danger::ServerCertVerifier::verify_server_cert(
         &verifier,
         &chain[0],
@@ -198,7 +275,11 @@ async fn bad_tokens_are_unauthenticated_and_counted() {
     // A signature made by a key the control plane does not trust.
     let wrong_key = other_signer.sign_claims(&claims("a", "b")).unwrap();
     // A good header and payload with another token's signature.
-    let spliced = format!("{}.{}", good.rsplit_once('.').unwrap().0, wrong_key.rsplit('.').next().unwrap());
+    let spliced = format!(
+        "{}.{}",
+        good.rsplit_once('.').unwrap().0,
+        wrong_key.rsplit('.').next().unwrap()
+    );
 
     let cases: Vec<(&str, String, &str)> = vec![
         ("expired", sign(expired), "token_expired"),
@@ -220,16 +301,28 @@ async fn bad_tokens_are_unauthenticated_and_counted() {
         let before = metric(&http_get(admin, "/metrics").await.1, &label);
         let csr = build_csr(&p256(), None).unwrap();
         let err = client
-            .certify(CertifyRequest { csr, token: token.clone(), pod_ip: String::new() })
+            .certify(CertifyRequest {
+                csr,
+                token: token.clone(),
+                pod_ip: String::new(),
+            })
             .await
             .expect_err(name);
         assert_eq!(err.code(), Code::Unauthenticated, "{name}: {err:?}");
         assert!(!err.message().is_empty(), "{name}");
         if token.len() > 8 {
-            assert!(!err.message().contains(token.as_str()), "{name}: the token is echoed");
+            assert!(
+                !err.message().contains(token.as_str()),
+                "{name}: the token is echoed"
+            );
         }
         let after = metric(&http_get(admin, "/metrics").await.1, &label);
-        assert_eq!(after, before + 1.0, "{name}: counted as {reason}: {}", err.message());
+        assert_eq!(
+            after,
+            before + 1.0,
+            "{name}: counted as {reason}: {}",
+            err.message()
+        );
     }
     let (_, metrics) = http_get(admin, "/metrics").await;
     assert_eq!(metric(&metrics, "meshlet_certificates_issued_total"), 0.0);
@@ -247,30 +340,91 @@ async fn bad_csrs_are_refused_with_the_right_status() {
     tampered[last] ^= 1;
     let ed25519 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let cases: Vec<(&str, Vec<u8>, String, Code, &str)> = vec![
-        ("garbage", b"\x30\x03junk".to_vec(), String::new(), Code::InvalidArgument, "not valid DER"),
-        ("wrong signature", tampered, String::new(), Code::InvalidArgument, "signature"),
-        ("another identity", build_csr(&p256(), Some(&other)).unwrap(), String::new(), Code::PermissionDenied, "token proves"),
-        ("unsupported key", build_csr(&ed25519, None).unwrap(), String::new(), Code::InvalidArgument, "P-256"),
-        ("oversized CSR", vec![0x30; 9000], String::new(), Code::InvalidArgument, "limit"),
-        ("bad pod_ip", build_csr(&p256(), None).unwrap(), "not-an-ip".into(), Code::InvalidArgument, "pod_ip"),
+        (
+            "garbage",
+            b"\x30\x03junk".to_vec(),
+            String::new(),
+            Code::InvalidArgument,
+            "not valid DER",
+        ),
+        (
+            "wrong signature",
+            tampered,
+            String::new(),
+            Code::InvalidArgument,
+            "signature",
+        ),
+        (
+            "another identity",
+            build_csr(&p256(), Some(&other)).unwrap(),
+            String::new(),
+            Code::PermissionDenied,
+            "token proves",
+        ),
+        (
+            "unsupported key",
+            build_csr(&ed25519, None).unwrap(),
+            String::new(),
+            Code::InvalidArgument,
+            "P-256",
+        ),
+        (
+            "oversized CSR",
+            vec![0x30; 9000],
+            String::new(),
+            Code::InvalidArgument,
+            "limit",
+        ),
+        (
+            "bad pod_ip",
+            build_csr(&p256(), None).unwrap(),
+            "not-an-ip".into(),
+            Code::InvalidArgument,
+            "pod_ip",
+        ),
     ];
     for (name, csr, pod_ip, code, words) in cases {
-        let token = signer.mint("a", "b", None, Duration::from_secs(60)).unwrap();
-        let err = client.certify(CertifyRequest { csr, token, pod_ip }).await.expect_err(name);
+        let token = signer
+            .mint("a", "b", None, Duration::from_secs(60))
+            .unwrap();
+        let err = client
+            .certify(CertifyRequest { csr, token, pod_ip })
+            .await
+            .expect_err(name);
         assert_eq!(err.code(), code, "{name}: {err:?}");
         assert!(err.message().contains(words), "{name}: {}", err.message());
     }
     // A request over the size limit is refused by the transport, not parsed.
-    let token = signer.mint("a", "b", None, Duration::from_secs(60)).unwrap();
+    let token = signer
+        .mint("a", "b", None, Duration::from_secs(60))
+        .unwrap();
     let err = client
-        .certify(CertifyRequest { csr: vec![0; 100_000], token, pod_ip: String::new() })
+        .certify(CertifyRequest {
+            csr: vec![0; 100_000],
+            token,
+            pod_ip: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
 
     let (_, metrics) = http_get(cp.running().admin_addr, "/metrics").await;
-    for reason in ["csr_malformed", "csr_bad_signature", "csr_identity_mismatch", "csr_unsupported_key", "csr_too_large", "bad_pod_ip"] {
-        assert_eq!(metric(&metrics, &format!("meshlet_csr_rejected_total{{reason=\"{reason}\"}}")), 1.0, "{reason}");
+    for reason in [
+        "csr_malformed",
+        "csr_bad_signature",
+        "csr_identity_mismatch",
+        "csr_unsupported_key",
+        "csr_too_large",
+        "bad_pod_ip",
+    ] {
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!("meshlet_csr_rejected_total{{reason=\"{reason}\"}}")
+            ),
+            1.0,
+            "{reason}"
+        );
     }
     cp.stop().await;
 }
@@ -280,12 +434,23 @@ async fn control_plane_is_verified_by_its_spiffe_id() {
     let cp = ControlPlane::start().await;
     let wrong = SpiffeId::parse("spiffe://cluster.local/ns/meshlet-system/sa/impostor").unwrap();
     let mut client = IdentityClient::new(cp.channel_expecting(Expected::Exact(wrong)));
-    let token = cp.signer().mint("a", "b", None, Duration::from_secs(60)).unwrap();
+    let token = cp
+        .signer()
+        .mint("a", "b", None, Duration::from_secs(60))
+        .unwrap();
     let err = client
-        .certify(CertifyRequest { csr: build_csr(&p256(), None).unwrap(), token, pod_ip: String::new() })
+        .certify(CertifyRequest {
+            csr: build_csr(&p256(), None).unwrap(),
+            token,
+            pod_ip: String::new(),
+        })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "the TLS handshake fails: {err:?}");
+    assert_eq!(
+        err.code(),
+        Code::Unavailable,
+        "the TLS handshake fails: {err:?}"
+    );
     cp.stop().await;
 }
 
@@ -296,8 +461,17 @@ async fn renewals_are_counted_and_certs_filtered() {
     let mut client = cp.client();
     for (ns, sa, times) in [("a", "web", 3), ("b", "db", 1)] {
         for _ in 0..times {
-            let token = signer.mint(ns, sa, Some("p"), Duration::from_secs(60)).unwrap();
-            client.certify(CertifyRequest { csr: build_csr(&p256(), None).unwrap(), token, pod_ip: String::new() }).await.unwrap();
+            let token = signer
+                .mint(ns, sa, Some("p"), Duration::from_secs(60))
+                .unwrap();
+            client
+                .certify(CertifyRequest {
+                    csr: build_csr(&p256(), None).unwrap(),
+                    token,
+                    pod_ip: String::new(),
+                })
+                .await
+                .unwrap();
         }
     }
     let (_, body) = http_get(cp.running().admin_addr, "/v1/certs?namespace=a").await;
@@ -328,15 +502,24 @@ async fn admin_api_serves_bundle_and_health() {
 
 #[tokio::test]
 async fn reflection_lists_the_identity_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let cp = ControlPlane::start().await;
-    let mut client = ServerReflectionClient::new(cp.channel_expecting(Expected::Exact(cp.running().identity.clone())));
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let mut client = ServerReflectionClient::new(
+        cp.channel_expecting(Expected::Exact(cp.running().identity.clone())),
+    );
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
     let reply = stream.message().await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
         panic!("unexpected reply {reply:?}");
@@ -350,14 +533,93 @@ async fn reflection_lists_the_identity_service() {
 async fn restart_keeps_the_ca() {
     let cp = ControlPlane::start().await;
     let before = cp.running().trust_bundle_pem.clone();
-    let token = cp.signer().mint("a", "b", None, Duration::from_secs(60)).unwrap();
-    let first = cp.client().certify(CertifyRequest { csr: build_csr(&p256(), None).unwrap(), token, pod_ip: String::new() }).await.unwrap().into_inner();
+    let first = cp.certify_as("a", "b", None).await.unwrap();
     let dir = cp.stop().await;
 
     let cp = ControlPlane::start_in(dir).await;
     assert_eq!(cp.running().trust_bundle_pem, before);
-    let token = cp.signer().mint("a", "b", None, Duration::from_secs(60)).unwrap();
-    let second = cp.client().certify(CertifyRequest { csr: build_csr(&p256(), None).unwrap(), token, pod_ip: String::new() }).await.unwrap().into_inner();
-    assert_eq!(first.certificate_chain[1], second.certificate_chain[1], "same issuing CA");
+    let second = cp.certify_as("a", "b", None).await.unwrap();
+    assert_eq!(
+        first.certificate_chain[1], second.certificate_chain[1],
+        "same issuing CA"
+    );
+    cp.stop().await;
+}
+
+/// Runs `promtool check metrics` on `text`. Returns None (after saying why) when promtool is
+/// missing and the run does not require it (`MESHLET_REQUIRE_TOOLS=1` makes it required).
+fn promtool_check(text: &str) -> Option<(bool, String)> {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if std::env::var("MESHLET_REQUIRE_TOOLS").as_deref() == Ok("1") => {
+            panic!("promtool is required: {e}")
+        }
+        Err(e) => {
+            eprintln!(
+                "SKIPPED: promtool not available ({e}); install Debian's `prometheus` package"
+            );
+            return None;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success() && report.trim().is_empty(), report))
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool() {
+    let cp = ControlPlane::start().await;
+    let token = cp
+        .signer()
+        .mint("a", "b", None, Duration::from_secs(60))
+        .unwrap();
+    let mut client = cp.client();
+    client
+        .certify(CertifyRequest {
+            csr: build_csr(&p256(), None).unwrap(),
+            token: token.clone(),
+            pod_ip: String::new(),
+        })
+        .await
+        .unwrap();
+    let _ = client
+        .certify(CertifyRequest {
+            csr: b"junk".to_vec(),
+            token,
+            pod_ip: String::new(),
+        })
+        .await;
+    let (_, text) = http_get(cp.running().admin_addr, "/metrics").await;
+    assert!(
+        text.contains("# TYPE meshlet_certificates_issued_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("meshlet_csr_rejected_total{reason=\"csr_malformed\"} 1"),
+        "{text}"
+    );
+    if let Some((clean, report)) = promtool_check(&text) {
+        assert!(
+            clean,
+            "promtool check metrics reported:\n{report}\non:\n{text}"
+        );
+    }
     cp.stop().await;
 }

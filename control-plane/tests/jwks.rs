@@ -1,6 +1,8 @@
 //! Tokens verified against a JWKS: from a file, and from a URL served on loopback (as a
 //! cluster serves `/openid/v1/jwks`), with the configured issuer enforced.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +34,9 @@ fn cluster_issuer(dir: &std::path::Path) -> (LocalSigner, String) {
 
 async fn certify(running: &meshlet_control::Running, token: String) -> Result<(), tonic::Status> {
     let bundle: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(running.trust_bundle_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
+        CertificateDer::pem_slice_iter(running.trust_bundle_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
     let config = tls::client_config(
         tls::root_store(&bundle).unwrap(),
         Expected::Exact(running.identity.clone()),
@@ -40,16 +44,42 @@ async fn certify(running: &meshlet_control::Running, token: String) -> Result<()
         &[meshlet_proto::connect::GRPC_ALPN],
     )
     .unwrap();
-    let mut client = IdentityClient::new(meshlet_proto::connect::tls_channel(running.grpc_addr, Arc::new(config)));
+    let mut client = IdentityClient::new(meshlet_proto::connect::tls_channel(
+        running.grpc_addr,
+        Arc::new(config),
+    ));
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     client
-        .certify(CertifyRequest { csr: build_csr(&key, None).unwrap(), token, pod_ip: String::new() })
+        .certify(CertifyRequest {
+            csr: build_csr(&key, None).unwrap(),
+            token,
+            pod_ip: String::new(),
+        })
         .await
         .map(|_| ())
 }
 
+/// Starts a control plane; sending on the returned channel stops it.
+async fn start(config: Config) -> (meshlet_control::Running, tokio::sync::oneshot::Sender<()>) {
+    let listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = meshlet_control::run(config, listeners, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    (running, stop)
+}
+
 fn config(dir: &std::path::Path) -> Config {
-    let mut c = Config::local(dir.to_owned(), TrustDomain::parse("cluster.local").unwrap(), Duration::from_secs(600)).unwrap();
+    let mut c = Config::local(
+        dir.to_owned(),
+        TrustDomain::parse("cluster.local").unwrap(),
+        Duration::from_secs(600),
+    )
+    .unwrap();
     c.local_tokens = false;
     c
 }
@@ -64,18 +94,24 @@ async fn jwks_file_keys_verify_tokens_and_local_key_is_off() {
     let mut config = config(cp_dir.path());
     config.jwks_file = Some(jwks_path);
 
-    let listeners = Listeners::bind(config.grpc_addr, config.admin_addr).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = meshlet_control::run(config, listeners, async move {
-        let _ = stopped.await;
-    })
+    let (running, stop) = start(config).await;
+
+    certify(
+        &running,
+        cluster
+            .mint("a", "b", None, Duration::from_secs(60))
+            .unwrap(),
+    )
     .await
     .unwrap();
-
-    certify(&running, cluster.mint("a", "b", None, Duration::from_secs(60)).unwrap()).await.unwrap();
     // With local tokens off, the control plane's own data-dir key is not trusted.
     let local = LocalSigner::load_or_create(cp_dir.path()).unwrap();
-    let err = certify(&running, local.mint("a", "b", None, Duration::from_secs(60)).unwrap()).await.unwrap_err();
+    let err = certify(
+        &running,
+        local.mint("a", "b", None, Duration::from_secs(60)).unwrap(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(err.message().contains("signature"), "{}", err.message());
     let _ = stop.send(());
@@ -99,8 +135,15 @@ async fn jwks_url_is_fetched_with_the_bearer_token_and_issuer_is_enforced() {
             let request = String::from_utf8_lossy(&buf[..n]).to_string();
             let authorized = request.contains("authorization: Bearer sa-token-123\r\n");
             let _ = seen_tx.send(request.lines().next().unwrap_or_default().to_owned());
-            let (status, body) = if authorized { ("200 OK", jwks.clone()) } else { ("401 Unauthorized", String::new()) };
-            let reply = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let (status, body) = if authorized {
+                ("200 OK", jwks.clone())
+            } else {
+                ("401 Unauthorized", String::new())
+            };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
             let _ = s.write_all(reply.as_bytes()).await;
         }
     });
@@ -114,15 +157,19 @@ async fn jwks_url_is_fetched_with_the_bearer_token_and_issuer_is_enforced() {
     });
     config.token_issuer = Some("meshlet-local".into());
 
-    let listeners = Listeners::bind(config.grpc_addr, config.admin_addr).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = meshlet_control::run(config.clone(), listeners, async move {
-        let _ = stopped.await;
-    })
+    let (running, stop) = start(config.clone()).await;
+    assert_eq!(
+        seen_rx.recv().await.unwrap(),
+        "GET /openid/v1/jwks HTTP/1.1"
+    );
+    certify(
+        &running,
+        cluster
+            .mint("a", "b", None, Duration::from_secs(60))
+            .unwrap(),
+    )
     .await
     .unwrap();
-    assert_eq!(seen_rx.recv().await.unwrap(), "GET /openid/v1/jwks HTTP/1.1");
-    certify(&running, cluster.mint("a", "b", None, Duration::from_secs(60)).unwrap()).await.unwrap();
 
     // A token from the right key but another issuer is refused.
     let mut claims: meshlet_control::token::Claims = serde_json::from_value(serde_json::json!({
@@ -131,14 +178,20 @@ async fn jwks_url_is_fetched_with_the_bearer_token_and_issuer_is_enforced() {
     }))
     .unwrap();
     claims.aud = vec!["meshlet".into()];
-    let err = certify(&running, cluster.sign_claims(&claims).unwrap()).await.unwrap_err();
+    let err = certify(&running, cluster.sign_claims(&claims).unwrap())
+        .await
+        .unwrap_err();
     assert!(err.message().contains("issuer"), "{}", err.message());
     let _ = stop.send(());
     running.wait().await.unwrap();
 
     // A wrong bearer token makes start-up fail with the server's answer.
     std::fs::write(&token_file, "wrong").unwrap();
-    let listeners = Listeners::bind(config.grpc_addr, config.admin_addr).await.unwrap();
-    let err = meshlet_control::run(config, listeners, async {}).await.unwrap_err();
+    let listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
+        .await
+        .unwrap();
+    let err = meshlet_control::run(config, listeners, async {})
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");
 }

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -46,7 +46,9 @@ pub enum CaError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
-    #[error("the CA folder {0} is incomplete: {1} is missing (delete the folder to start over, or restore the file)")]
+    #[error(
+        "the CA folder {0} is incomplete: {1} is missing (delete the folder to start over, or restore the file)"
+    )]
     Incomplete(PathBuf, &'static str),
     #[error("the issuer certificate does not chain to any root in bundle.crt")]
     IssuerNotInBundle,
@@ -111,7 +113,9 @@ impl Ca {
             CertificateDer::from_pem_slice(&cert_pem).map_err(|e| bad(&cert_path, e))?;
         let key_pem = String::from_utf8(key_pem).map_err(|e| bad(&key_path, e))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&key_path, e))?;
-        if rcgen::PublicKeyData::subject_public_key_info(&key) != spki_of(&issuer_cert).map_err(|e| bad(&cert_path, e))? {
+        if rcgen::PublicKeyData::subject_public_key_info(&key)
+            != spki_of(&issuer_cert).map_err(|e| bad(&cert_path, e))?
+        {
             return Err(bad(&key_path, "the key does not match issuer.crt"));
         }
         if !bundle.iter().any(|root| signed_by(&issuer_cert, root)) {
@@ -227,7 +231,12 @@ fn svid_params(
     Ok(params)
 }
 
-fn ca_params(cn: String, path_len: Option<u8>, now: OffsetDateTime, life: Duration) -> CertificateParams {
+fn ca_params(
+    cn: String,
+    path_len: Option<u8>,
+    now: OffsetDateTime,
+    life: Duration,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "meshlet");
@@ -251,20 +260,40 @@ fn ca_params(cn: String, path_len: Option<u8>, now: OffsetDateTime, life: Durati
 /// Creates a root and an intermediate in `dir`; keys are written mode 0600 and only if
 /// absent.
 fn create(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<(), CaError> {
-    fs::create_dir_all(dir).map_err(|source| CaError::Io { path: dir.to_owned(), source })?;
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| CaError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
     let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let root_params = ca_params(format!("meshlet root CA {td}"), None, now, ROOT_LIFETIME);
     let root = root_params.self_signed(&root_key)?;
     let root_issuer = Issuer::new(root_params, &root_key);
 
     let issuer_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut issuer_params =
-        ca_params(format!("meshlet issuing CA {td}"), Some(0), now, INTERMEDIATE_LIFETIME);
+    let mut issuer_params = ca_params(
+        format!("meshlet issuing CA {td}"),
+        Some(0),
+        now,
+        INTERMEDIATE_LIFETIME,
+    );
     issuer_params.use_authority_key_identifier_extension = true;
     let issuer = issuer_params.signed_by(&issuer_key, &root_issuer)?;
 
-    write_new(&dir.join("root.key"), root_key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&dir.join("issuer.key"), issuer_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(
+        &dir.join("root.key"),
+        root_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_new(
+        &dir.join("issuer.key"),
+        issuer_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_new(&dir.join("root.crt"), root.pem().as_bytes(), 0o644)?;
     write_new(&dir.join("issuer.crt"), issuer.pem().as_bytes(), 0o644)?;
     write_new(&dir.join("bundle.crt"), root.pem().as_bytes(), 0o644)
@@ -273,7 +302,10 @@ fn create(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<(), CaErr
 /// Writes a file that must not exist yet, with `mode` set at creation (no window in which
 /// a key file is readable by others).
 pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let io_err = |source| CaError::Io { path: path.to_owned(), source };
+    let io_err = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -304,15 +336,20 @@ fn spki_of(der: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
 
 fn signed_by(cert: &CertificateDer<'_>, root: &CertificateDer<'_>) -> bool {
     use x509_parser::prelude::{FromDer, X509Certificate};
-    let (Ok((_, cert)), Ok((_, root))) = (X509Certificate::from_der(cert), X509Certificate::from_der(root))
-    else {
+    let (Ok((_, cert)), Ok((_, root))) = (
+        X509Certificate::from_der(cert),
+        X509Certificate::from_der(root),
+    ) else {
         return false;
     };
     cert.verify_signature(Some(root.public_key())).is_ok()
 }
 
 fn bad(path: &Path, reason: impl ToString) -> CaError {
-    CaError::BadFile { path: path.to_owned(), reason: reason.to_string() }
+    CaError::BadFile {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
 }
 
 /// PEM-encodes one DER object.

@@ -41,7 +41,7 @@ pub struct CertSummary {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok((&[], cert)) => Ok(cert),
         _ => Err(SvidError::Malformed),
     }
 }
@@ -68,10 +68,12 @@ pub fn svid_id(der: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
     if cert.is_ca() {
         return Err(SvidError::LeafIsCa);
     }
-    if let Ok(Some(ku)) = cert.key_usage() {
-        if ku.value.key_cert_sign() || ku.value.crl_sign() {
+    match cert.key_usage() {
+        Err(_) => return Err(SvidError::Malformed),
+        Ok(Some(ku)) if ku.value.key_cert_sign() || ku.value.crl_sign() => {
             return Err(SvidError::LeafCanSign);
         }
+        Ok(_) => {}
     }
     match uri_sans(&cert).as_slice() {
         [uri] => Ok(SpiffeId::parse(uri)?),
@@ -98,9 +100,11 @@ pub fn summarize(der: &[u8]) -> Result<CertSummary, SvidError> {
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            // Writing to a String cannot fail.
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }

@@ -53,7 +53,7 @@ pub fn check_csr(der: &[u8], expected: &SpiffeId) -> Result<CheckedKey, CsrError
         return Err(CsrError::TooLarge(der.len()));
     }
     let csr = match X509CertificationRequest::from_der(der) {
-        Ok((rest, csr)) if rest.is_empty() => csr,
+        Ok((&[], csr)) => csr,
         _ => return Err(CsrError::Malformed),
     };
     let spki = &csr.certification_request_info.subject_pki;
@@ -69,13 +69,13 @@ pub fn check_csr(der: &[u8], expected: &SpiffeId) -> Result<CheckedKey, CsrError
     for ext in csr.requested_extensions().into_iter().flatten() {
         if let ParsedExtension::SubjectAlternativeName(san) = ext {
             for name in &san.general_names {
-                if let GeneralName::URI(uri) = name {
-                    if *uri != expected.as_str() {
-                        return Err(CsrError::IdentityMismatch {
-                            requested: (*uri).to_owned(),
-                            expected: expected.to_string(),
-                        });
-                    }
+                if let GeneralName::URI(uri) = name
+                    && *uri != expected.as_str()
+                {
+                    return Err(CsrError::IdentityMismatch {
+                        requested: (*uri).to_owned(),
+                        expected: expected.to_string(),
+                    });
                 }
             }
         }

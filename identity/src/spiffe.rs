@@ -91,9 +91,7 @@ impl SpiffeId {
         if id.len() > MAX_ID_LEN {
             return Err(SpiffeIdError::TooLong);
         }
-        let rest = id
-            .strip_prefix(SCHEME)
-            .ok_or(SpiffeIdError::WrongScheme)?;
+        let rest = id.strip_prefix(SCHEME).ok_or(SpiffeIdError::WrongScheme)?;
         let (domain, path) = match rest.find('/') {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
@@ -202,7 +200,11 @@ mod tests {
     #[test]
     fn good_ids_parse_into_their_parts() {
         let cases = [
-            ("spiffe://cluster.local/ns/default/sa/web", "cluster.local", "/ns/default/sa/web"),
+            (
+                "spiffe://cluster.local/ns/default/sa/web",
+                "cluster.local",
+                "/ns/default/sa/web",
+            ),
             ("spiffe://example.org/a", "example.org", "/a"),
             ("spiffe://a-b_c.9/A.b-c_D/x", "a-b_c.9", "/A.b-c_D/x"),
             ("spiffe://td/...", "td", "/..."),

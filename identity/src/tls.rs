@@ -30,7 +30,8 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// A root store holding every certificate of `bundle`.
 pub fn root_store(bundle: &[CertificateDer<'_>]) -> Result<Arc<RootCertStore>, TlsConfigError> {
     let mut roots = RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(bundle.iter().cloned().map(|c| c.into_owned()));
+    let (added, _ignored) =
+        roots.add_parsable_certificates(bundle.iter().cloned().map(|c| c.into_owned()));
     if added == 0 {
         return Err(TlsConfigError::EmptyBundle);
     }
@@ -50,7 +51,9 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut config = match clients {
         Some((roots, expected)) => builder
-            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(roots, expected, provider)?))
+            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(
+                roots, expected, provider,
+            )?))
             .with_single_cert(chain, key)?,
         None => builder.with_no_client_auth().with_single_cert(chain, key)?,
     };

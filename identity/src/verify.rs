@@ -12,7 +12,10 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
 
 use crate::cert::{SvidError, svid_id};
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -32,9 +35,15 @@ impl Expected {
         let got = svid_id(leaf)?;
         match self {
             Self::Exact(want) if &got == want => Ok(got),
-            Self::Exact(want) => Err(SvidError::WrongId { got, want: want.clone() }),
+            Self::Exact(want) => Err(SvidError::WrongId {
+                got,
+                want: want.clone(),
+            }),
             Self::TrustDomain(td) if got.is_member_of(td) => Ok(got),
-            Self::TrustDomain(td) => Err(SvidError::WrongTrustDomain { got, want: td.to_string() }),
+            Self::TrustDomain(td) => Err(SvidError::WrongTrustDomain {
+                got,
+                want: td.to_string(),
+            }),
         }
     }
 }
@@ -53,7 +62,11 @@ pub struct SpiffeServerVerifier {
 
 impl SpiffeServerVerifier {
     pub fn new(roots: Arc<RootCertStore>, expected: Expected, provider: &CryptoProvider) -> Self {
-        Self { roots, expected, algs: provider.signature_verification_algorithms }
+        Self {
+            roots,
+            expected,
+            algs: provider.signature_verification_algorithms,
+        }
     }
 }
 
@@ -131,7 +144,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         self.expected.check(end_entity).map_err(to_rustls)?;
         Ok(ClientCertVerified::assertion())
     }

@@ -2,6 +2,8 @@
 //! with x509-parser, a parser independent of rcgen), CSRs are checked, the CA survives a
 //! restart, and the verifiers accept and refuse real TLS 1.3 handshakes.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +49,11 @@ fn issued_svid_follows_the_x509_svid_rules() {
     assert_eq!(svid.chain.len(), 2, "leaf and intermediate");
     let (rest, leaf) = X509Certificate::from_der(&svid.chain[0]).unwrap();
     assert!(rest.is_empty());
-    assert!(leaf.subject().as_raw().len() <= 2, "empty subject: {}", leaf.subject());
+    assert!(
+        leaf.subject().as_raw().len() <= 2,
+        "empty subject: {}",
+        leaf.subject()
+    );
 
     let mut uris = vec![];
     let mut san_critical = None;
@@ -62,10 +68,20 @@ fn issued_svid_follows_the_x509_svid_rules() {
             }
         }
     }
-    assert_eq!(uris, vec!["spiffe://cluster.local/ns/prod/sa/api".to_string()]);
-    assert_eq!(san_critical, Some(true), "SAN is critical when the subject is empty");
+    assert_eq!(
+        uris,
+        vec!["spiffe://cluster.local/ns/prod/sa/api".to_string()]
+    );
+    assert_eq!(
+        san_critical,
+        Some(true),
+        "SAN is critical when the subject is empty"
+    );
 
-    let bc = leaf.basic_constraints().unwrap().expect("basicConstraints present");
+    let bc = leaf
+        .basic_constraints()
+        .unwrap()
+        .expect("basicConstraints present");
     assert!(!bc.value.ca, "leaf is CA:false");
     let ku = leaf.key_usage().unwrap().expect("key usage present");
     assert!(ku.critical, "key usage is critical");
@@ -75,10 +91,16 @@ fn issued_svid_follows_the_x509_svid_rules() {
     assert!(eku.value.server_auth && eku.value.client_auth);
 
     // The public key is the CSR's, and the lifetime is the TTL (plus the clock-skew backdate).
-    assert_eq!(leaf.public_key().raw, &rcgen::PublicKeyData::subject_public_key_info(&key)[..]);
+    assert_eq!(
+        leaf.public_key().raw,
+        &rcgen::PublicKeyData::subject_public_key_info(&key)[..]
+    );
     let life = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
     assert_eq!(life, DAY.as_secs() as i64 + 60);
-    assert_eq!(leaf.validity().not_after.timestamp(), svid.not_after.unix_timestamp());
+    assert_eq!(
+        leaf.validity().not_after.timestamp(),
+        svid.not_after.unix_timestamp()
+    );
     assert_eq!(meshlet_identity::cert::hex(leaf.raw_serial()), svid.serial);
 
     // The chain validates against the bundle.
@@ -92,7 +114,10 @@ fn issued_svid_follows_the_x509_svid_rules() {
             .extensions()
             .iter()
             .any(|e| matches!(e.parsed_extension(), ParsedExtension::NameConstraints(_)));
-        assert!(!has_name_constraints, "no name constraints on signing certificates");
+        assert!(
+            !has_name_constraints,
+            "no name constraints on signing certificates"
+        );
     }
 }
 
@@ -101,7 +126,9 @@ fn lifetime_never_passes_the_issuer_expiry() {
     let (_dir, ca) = new_ca();
     let who = id("a", "b");
     let checked = check_csr(&build_csr(&p256(), None).unwrap(), &who).unwrap();
-    let svid = ca.issue(&who, &checked, DAY * 5000, OffsetDateTime::now_utc()).unwrap();
+    let svid = ca
+        .issue(&who, &checked, DAY * 5000, OffsetDateTime::now_utc())
+        .unwrap();
     assert_eq!(svid.not_after, ca.issuer_not_after());
 
     let late = ca.issuer_not_after() + time::Duration::seconds(1);
@@ -119,7 +146,10 @@ fn restart_keeps_the_ca_and_keys_are_private() {
     assert_eq!(first.trust_bundle(), second.trust_bundle());
     assert_eq!(first.issuer_not_after(), second.issuer_not_after());
     for key in ["root.key", "issuer.key"] {
-        let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(key))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{key}");
     }
     // Loading the files alone (the Kubernetes Secret path) gives the same CA.
@@ -145,7 +175,10 @@ fn broken_ca_folders_are_refused_not_replaced() {
     for f in ["issuer.crt", "issuer.key"] {
         std::fs::copy(other.path().join(f), dir.path().join(f)).unwrap();
     }
-    assert!(matches!(Ca::load(dir.path()), Err(CaError::IssuerNotInBundle)));
+    assert!(matches!(
+        Ca::load(dir.path()),
+        Err(CaError::IssuerNotInBundle)
+    ));
 
     std::fs::write(dir.path().join("bundle.crt"), "not pem").unwrap();
     assert!(matches!(Ca::load(dir.path()), Err(CaError::BadFile { .. })));
@@ -167,11 +200,27 @@ fn bad_csrs_are_refused_with_the_reason() {
         ("garbage", b"definitely not a CSR".to_vec(), "csr_malformed"),
         ("empty", vec![], "csr_malformed"),
         ("trailing bytes", trailing, "csr_malformed"),
-        ("truncated", good[..good.len() / 2].to_vec(), "csr_malformed"),
+        (
+            "truncated",
+            good[..good.len() / 2].to_vec(),
+            "csr_malformed",
+        ),
         ("wrong signature", tampered, "csr_bad_signature"),
-        ("ed25519 key", build_csr(&ed25519, None).unwrap(), "csr_unsupported_key"),
-        ("p384 key", build_csr(&p384, None).unwrap(), "csr_unsupported_key"),
-        ("another identity", build_csr(&p256(), Some(&id("prod", "admin"))).unwrap(), "csr_identity_mismatch"),
+        (
+            "ed25519 key",
+            build_csr(&ed25519, None).unwrap(),
+            "csr_unsupported_key",
+        ),
+        (
+            "p384 key",
+            build_csr(&p384, None).unwrap(),
+            "csr_unsupported_key",
+        ),
+        (
+            "another identity",
+            build_csr(&p256(), Some(&id("prod", "admin"))).unwrap(),
+            "csr_identity_mismatch",
+        ),
         ("oversized", vec![0x30; MAX_CSR_LEN + 1], "csr_too_large"),
     ];
     for (name, der, reason) in cases {
@@ -187,15 +236,29 @@ fn bad_csrs_are_refused_with_the_reason() {
 }
 
 /// One workload's TLS material: chain and key.
-fn material(ca: &Ca, who: &SpiffeId) -> (Vec<rustls::pki_types::CertificateDer<'static>>, PrivateKeyDer<'static>) {
+fn material(
+    ca: &Ca,
+    who: &SpiffeId,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    PrivateKeyDer<'static>,
+) {
     let key = p256();
     let checked = check_csr(&build_csr(&key, None).unwrap(), who).unwrap();
-    let svid = ca.issue(who, &checked, DAY, OffsetDateTime::now_utc()).unwrap();
-    (svid.chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+    let svid = ca
+        .issue(who, &checked, DAY, OffsetDateTime::now_utc())
+        .unwrap();
+    (
+        svid.chain,
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
 }
 
 /// Runs a TLS handshake in memory; returns the first error either side raised.
-fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> Result<(), rustls::Error> {
+fn handshake(
+    client: rustls::ClientConfig,
+    server: rustls::ServerConfig,
+) -> Result<(), rustls::Error> {
     let name = ServerName::try_from("mesh.invalid").unwrap();
     let mut c = rustls::ClientConnection::new(Arc::new(client), name)?;
     let mut s = rustls::ServerConnection::new(Arc::new(server))?;
@@ -232,10 +295,22 @@ fn mutual_tls_checks_both_identities() {
     let other_td = TrustDomain::parse("other.example").unwrap();
 
     let client = |expect: Expected, mat: &(Vec<_>, PrivateKeyDer<'static>)| {
-        tls::client_config(roots.clone(), expect, Some((mat.0.clone(), mat.1.clone_key())), &[MESH_ALPN]).unwrap()
+        tls::client_config(
+            roots.clone(),
+            expect,
+            Some((mat.0.clone(), mat.1.clone_key())),
+            &[MESH_ALPN],
+        )
+        .unwrap()
     };
     let server = |expect: Expected, mat: &(Vec<_>, PrivateKeyDer<'static>)| {
-        tls::server_config(mat.0.clone(), mat.1.clone_key(), Some((roots.clone(), expect)), &[MESH_ALPN]).unwrap()
+        tls::server_config(
+            mat.0.clone(),
+            mat.1.clone_key(),
+            Some((roots.clone(), expect)),
+            &[MESH_ALPN],
+        )
+        .unwrap()
     };
     let ok = handshake(
         client(Expected::Exact(server_id.clone()), &client_mat),
@@ -244,14 +319,45 @@ fn mutual_tls_checks_both_identities() {
     assert!(ok.is_ok(), "{ok:?}");
 
     let cases = [
-        ("server presents another ID", Expected::Exact(id("b", "other")), Expected::TrustDomain(td()), &server_mat, &client_mat, "WrongId"),
-        ("client from another trust domain", Expected::Exact(server_id.clone()), Expected::TrustDomain(other_td), &server_mat, &client_mat, "WrongTrustDomain"),
-        ("server cert from another CA", Expected::Exact(server_id.clone()), Expected::TrustDomain(td()), &foreign_mat, &client_mat, "BadSignature"),
-        ("client cert from another CA", Expected::Exact(server_id.clone()), Expected::TrustDomain(td()), &server_mat, &foreign_mat, "BadSignature"),
+        (
+            "server presents another ID",
+            Expected::Exact(id("b", "other")),
+            Expected::TrustDomain(td()),
+            &server_mat,
+            &client_mat,
+            "WrongId",
+        ),
+        (
+            "client from another trust domain",
+            Expected::Exact(server_id.clone()),
+            Expected::TrustDomain(other_td),
+            &server_mat,
+            &client_mat,
+            "WrongTrustDomain",
+        ),
+        (
+            "server cert from another CA",
+            Expected::Exact(server_id.clone()),
+            Expected::TrustDomain(td()),
+            &foreign_mat,
+            &client_mat,
+            "BadSignature",
+        ),
+        (
+            "client cert from another CA",
+            Expected::Exact(server_id.clone()),
+            Expected::TrustDomain(td()),
+            &server_mat,
+            &foreign_mat,
+            "BadSignature",
+        ),
     ];
     for (name, client_expects, server_expects, server_mat, client_mat, want) in cases {
-        let err = handshake(client(client_expects, client_mat), server(server_expects, server_mat))
-            .expect_err(name);
+        let err = handshake(
+            client(client_expects, client_mat),
+            server(server_expects, server_mat),
+        )
+        .expect_err(name);
         assert!(format!("{err:?} {err}").contains(want), "{name}: {err:?}");
     }
 }
@@ -263,7 +369,9 @@ fn svid_leaf_rules_refuse_ca_certificates() {
     let issuer = rustls::pki_types::CertificateDer::from_pem_slice(&issuer_pem).unwrap();
     let err = Expected::TrustDomain(td()).check(&issuer).unwrap_err();
     assert_eq!(err, SvidError::LeafIsCa);
-    let err = Expected::TrustDomain(td()).check(&b"junk"[..].into()).unwrap_err();
+    let err = Expected::TrustDomain(td())
+        .check(&b"junk"[..].into())
+        .unwrap_err();
     assert_eq!(err, SvidError::Malformed);
 }
 
