@@ -2,7 +2,10 @@
 
 use std::{env, path::PathBuf};
 
-const PROTOS: &[&str] = &["meshlet/identity/v1/identity.proto"];
+const PROTOS: &[&str] = &[
+    "meshlet/identity/v1/identity.proto",
+    "meshlet/discovery/v1/discovery.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -67,15 +67,8 @@ impl IdentityService {
             };
             self.refuse(e.reason(), status)
         })?;
-        let pod_ip = match req.pod_ip.as_str() {
-            "" => None,
-            ip => Some(ip.parse::<IpAddr>().map_err(|_| {
-                self.refuse(
-                    "bad_pod_ip",
-                    Status::invalid_argument(format!("pod_ip {ip:?} is not an IP address")),
-                )
-            })?),
-        };
+        let address =
+            parse_address(&req.pod_ip).map_err(|status| self.refuse("bad_pod_ip", status))?;
         let svid = self.ca.issue(&id, &key, self.cert_ttl, now).map_err(|e| {
             self.refuse(
                 "ca_error",
@@ -86,7 +79,7 @@ impl IdentityService {
             spiffe_id: id.clone(),
             namespace: workload.namespace,
             pod: workload.pod,
-            pod_ip,
+            address,
             serial: svid.serial.clone(),
             issued_at: svid.not_before + meshlet_identity::ca::BACKDATE,
             not_before: svid.not_before,
@@ -99,6 +92,23 @@ impl IdentityService {
             trust_bundle: self.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
             expires_at_unix: svid.not_after.unix_timestamp(),
         })
+    }
+}
+
+/// Reads `pod_ip`: an IP address (a pod), or an address and port (explicit mode, where
+/// several sidecars share one IP), into the canonical form the address index uses.
+pub fn parse_address(raw: &str) -> Result<Option<String>, Status> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(ip) = raw.parse::<IpAddr>() {
+        return Ok(Some(ip.to_string()));
+    }
+    match raw.parse::<std::net::SocketAddr>() {
+        Ok(addr) => Ok(Some(addr.to_string())),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "pod_ip {raw:?} is neither an IP address nor an address:port"
+        ))),
     }
 }
 

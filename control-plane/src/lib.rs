@@ -7,12 +7,14 @@
 //! - [`token`]: workload JWT authentication; the local signing key (`meshletctl token`).
 //! - [`jwks`]: fetching a cluster's JWKS over HTTP(S).
 //! - [`identity_service`]: the Certify checks, in order, and issuance.
+//! - [`discovery_service`]: Watch: a destination's identity and the trust bundle, streamed.
 //! - [`registry`]: what was issued, per workload; certificate states.
 //! - [`grpc`]: TLS accept loop feeding tonic; [`admin`]: the admin HTTP API.
 //! - [`metrics`]: Prometheus metrics with closed label sets.
 
 pub mod admin;
 pub mod config;
+pub mod discovery_service;
 pub mod grpc;
 pub mod identity_service;
 pub mod jwks;
@@ -30,6 +32,7 @@ use arc_swap::ArcSwap;
 use meshlet_identity::SpiffeId;
 use meshlet_identity::ca::{Ca, CaError};
 use meshlet_identity::tls::{self, TlsConfigError};
+use meshlet_proto::discovery::v1::discovery_server::DiscoveryServer;
 use meshlet_proto::identity::v1::identity_server::IdentityServer;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -38,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, ServeArgs};
 
+use crate::discovery_service::DiscoveryService;
 use crate::identity_service::IdentityService;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -145,15 +149,24 @@ pub async fn run(
         .register_encoded_file_descriptor_set(meshlet_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ControlError::Reflection(e.to_string()))?;
+    let stop = CancellationToken::new();
+    let bundle_der: Vec<Vec<u8>> = ca.trust_bundle().iter().map(|c| c.to_vec()).collect();
+    let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(Arc::new(bundle_der));
+    let discovery = DiscoveryService {
+        auth: auth.clone(),
+        registry: registry.clone(),
+        bundle: bundle_rx,
+        stop: stop.clone(),
+    };
     let routes = tonic::service::Routes::new(
         IdentityServer::from_arc(service).max_decoding_message_size(MAX_REQUEST_LEN),
     )
+    .add_service(DiscoveryServer::new(discovery).max_decoding_message_size(MAX_REQUEST_LEN))
     .add_service(reflection)
     .add_service(reflection_alpha);
 
     let running_grpc = listeners.grpc.local_addr()?;
     let running_admin = listeners.admin.local_addr()?;
-    let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     {
         let stop = stop.clone();
@@ -182,7 +195,9 @@ pub async fn run(
     }
     let trust_bundle_pem = ca.trust_bundle_pem();
     let identity = config.identity.clone();
-    tasks.spawn(background(config, ca, auth, registry, serving, stop));
+    tasks.spawn(background(
+        config, ca, auth, registry, serving, bundle_tx, stop,
+    ));
     tracing::info!(grpc = %running_grpc, admin = %running_admin, %identity, "control plane serving");
     Ok(Running {
         grpc_addr: running_grpc,
@@ -237,6 +252,8 @@ async fn background(
     auth: Arc<Authenticator>,
     registry: Arc<Registry>,
     serving: Arc<ArcSwap<rustls::ServerConfig>>,
+    // Root rotation publishes a new bundle here; until then it only keeps watchers open.
+    _bundle: tokio::sync::watch::Sender<discovery_service::Bundle>,
     stop: CancellationToken,
 ) -> Result<(), ControlError> {
     let mut renew = tokio::time::interval(config.cert_ttl / 2);

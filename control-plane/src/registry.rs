@@ -1,15 +1,19 @@
-//! What the CA has issued, per workload, for `/v1/certs` and (later) discovery.
+//! What the CA has issued, per workload, for `/v1/certs` and for discovery.
 //!
 //! A workload is a pod when the token names one, else its SPIFFE ID. Entries are kept until
 //! an hour after their certificate expired, so an expired workload is still reported.
+//!
+//! Discovery reads the address index: one watch channel per address ("ip" or "ip:port")
+//! holding the SPIFFE ID served there, so a change wakes only the sidecars watching that
+//! address. An address stops being meshed when its certificate expires.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use dashmap::DashMap;
 use meshlet_identity::SpiffeId;
 use serde::Serialize;
 use time::OffsetDateTime;
+use tokio::sync::watch;
 
 /// How long an expired entry is still reported before it is forgotten.
 pub const KEEP_EXPIRED: Duration = Duration::from_secs(3600);
@@ -20,7 +24,8 @@ pub struct Issued {
     pub spiffe_id: SpiffeId,
     pub namespace: String,
     pub pod: Option<String>,
-    pub pod_ip: Option<IpAddr>,
+    /// Where the workload serves: "ip" (a pod) or "ip:port" (explicit mode).
+    pub address: Option<String>,
     pub serial: String,
     pub issued_at: OffsetDateTime,
     pub not_before: OffsetDateTime,
@@ -67,7 +72,7 @@ pub fn cert_state(
 pub struct WorkloadStatus {
     pub spiffe_id: SpiffeId,
     pub pod: Option<String>,
-    pub pod_ip: Option<IpAddr>,
+    pub pod_ip: Option<String>,
     pub serial: String,
     #[serde(with = "time::serde::rfc3339")]
     pub issued_at: OffsetDateTime,
@@ -81,6 +86,7 @@ pub struct WorkloadStatus {
 #[derive(Debug, Default)]
 pub struct Registry {
     entries: DashMap<String, Entry>,
+    addresses: DashMap<String, watch::Sender<Option<SpiffeId>>>,
 }
 
 impl Registry {
@@ -90,6 +96,9 @@ impl Registry {
             Some(pod) => format!("{}/{pod}", issued.namespace),
             None => issued.spiffe_id.to_string(),
         };
+        if let Some(address) = &issued.address {
+            self.set_address(address, Some(issued.spiffe_id.clone()));
+        }
         self.entries
             .entry(key)
             .and_modify(|e| {
@@ -112,7 +121,7 @@ impl Registry {
                 WorkloadStatus {
                     spiffe_id: i.spiffe_id.clone(),
                     pod: i.pod.as_ref().map(|p| format!("{}/{p}", i.namespace)),
-                    pod_ip: i.pod_ip,
+                    pod_ip: i.address.clone(),
                     serial: i.serial.clone(),
                     issued_at: i.issued_at,
                     not_after: i.not_after,
@@ -125,10 +134,52 @@ impl Registry {
         out
     }
 
-    /// Forgets workloads whose certificate expired more than [`KEEP_EXPIRED`] ago.
+    /// Forgets workloads whose certificate expired more than [`KEEP_EXPIRED`] ago, and stops
+    /// reporting addresses whose certificate expired as meshed.
     pub fn prune(&self, now: OffsetDateTime) {
+        for e in self.entries.iter() {
+            if let Some(address) = &e.last.address
+                && e.last.not_after <= now
+            {
+                self.unset_address_if(address, &e.last.spiffe_id);
+            }
+        }
         self.entries
             .retain(|_, e| e.last.not_after + KEEP_EXPIRED >= now);
+        self.addresses
+            .retain(|_, tx| tx.receiver_count() > 0 || tx.borrow().is_some());
+    }
+
+    /// Subscribes to the SPIFFE ID served at `address` (None: not meshed).
+    pub fn watch_address(&self, address: &str) -> watch::Receiver<Option<SpiffeId>> {
+        self.addresses
+            .entry(address.to_owned())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    fn set_address(&self, address: &str, id: Option<SpiffeId>) {
+        let tx = self
+            .addresses
+            .entry(address.to_owned())
+            .or_insert_with(|| watch::channel(None).0);
+        tx.send_if_modified(|current| {
+            let changed = *current != id;
+            *current = id;
+            changed
+        });
+    }
+
+    fn unset_address_if(&self, address: &str, id: &SpiffeId) {
+        if let Some(tx) = self.addresses.get(address) {
+            tx.send_if_modified(|current| {
+                let ours = current.as_ref() == Some(id);
+                if ours {
+                    *current = None;
+                }
+                ours
+            });
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -172,7 +223,7 @@ mod tests {
             spiffe_id: id.clone(),
             namespace: "a".into(),
             pod: Some(pod.into()),
-            pod_ip: None,
+            address: Some(format!("10.0.0.{h}")),
             serial: format!("{h:02x}"),
             issued_at: at + time::Duration::hours(h),
             not_before: at + time::Duration::hours(h),
@@ -200,8 +251,16 @@ mod tests {
             ]
         );
 
+        let p2_address = reg.watch_address("10.0.0.0");
+        assert_eq!(p2_address.borrow().as_ref(), Some(&id));
         reg.prune(at + time::Duration::hours(25)); // p2 expired an hour ago: still kept
         assert_eq!(reg.len(), 2);
+        assert_eq!(
+            *p2_address.borrow(),
+            None,
+            "an expired certificate's address is not meshed"
+        );
+        assert_eq!(reg.watch_address("10.0.0.12").borrow().as_ref(), Some(&id));
         reg.prune(at + time::Duration::hours(25) + time::Duration::minutes(1));
         assert_eq!(reg.len(), 1);
     }

@@ -5,119 +5,19 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod common;
 
+use std::time::Duration;
+
+use common::{ControlPlane, http_get, metric, now, p256};
 use meshlet_control::token::{Claims, KubernetesClaims, LocalSigner, NamedRef};
-use meshlet_control::{Config, Listeners, Running};
 use meshlet_identity::csr::build_csr;
-use meshlet_identity::{Expected, SpiffeId, TrustDomain, tls};
+use meshlet_identity::{Expected, SpiffeId, tls};
+use meshlet_proto::identity::v1::CertifyRequest;
 use meshlet_proto::identity::v1::identity_client::IdentityClient;
-use meshlet_proto::identity::v1::{CertifyRequest, CertifyResponse};
 use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
 use tonic::Code;
-use tonic::transport::Channel;
 use x509_parser::prelude::{FromDer, X509Certificate};
-
-struct ControlPlane {
-    running: Option<Running>,
-    stop: Option<oneshot::Sender<()>>,
-    dir: tempfile::TempDir,
-}
-
-impl ControlPlane {
-    async fn start() -> Self {
-        Self::start_in(tempfile::tempdir().unwrap()).await
-    }
-
-    async fn start_in(dir: tempfile::TempDir) -> Self {
-        let td = TrustDomain::parse("cluster.local").unwrap();
-        let config = Config::local(dir.path().to_owned(), td, Duration::from_secs(3600)).unwrap();
-        let listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
-            .await
-            .unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let running = meshlet_control::run(config, listeners, async move {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-        Self {
-            running: Some(running),
-            stop: Some(stop),
-            dir,
-        }
-    }
-
-    fn running(&self) -> &Running {
-        self.running.as_ref().unwrap()
-    }
-
-    fn bundle(&self) -> Vec<CertificateDer<'static>> {
-        CertificateDer::pem_slice_iter(self.running().trust_bundle_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap()
-    }
-
-    fn channel_expecting(&self, expected: Expected) -> Channel {
-        let roots = tls::root_store(&self.bundle()).unwrap();
-        let config =
-            tls::client_config(roots, expected, None, &[meshlet_proto::connect::GRPC_ALPN])
-                .unwrap();
-        meshlet_proto::connect::tls_channel(self.running().grpc_addr, Arc::new(config))
-    }
-
-    fn client(&self) -> IdentityClient<Channel> {
-        IdentityClient::new(
-            self.channel_expecting(Expected::Exact(self.running().identity.clone())),
-        )
-    }
-
-    fn signer(&self) -> LocalSigner {
-        LocalSigner::load_or_create(self.dir.path()).unwrap()
-    }
-
-    /// Certifies a fresh key as `ns`/`sa` (pod `pod`) with a good token.
-    async fn certify_as(
-        &self,
-        ns: &str,
-        sa: &str,
-        pod: Option<&str>,
-    ) -> Result<CertifyResponse, tonic::Status> {
-        let token = self
-            .signer()
-            .mint(ns, sa, pod, Duration::from_secs(60))
-            .unwrap();
-        let csr = build_csr(&p256(), None).unwrap();
-        let request = CertifyRequest {
-            csr,
-            token,
-            pod_ip: String::new(),
-        };
-        self.client().certify(request).await.map(|r| r.into_inner())
-    }
-
-    async fn stop(mut self) -> tempfile::TempDir {
-        let _ = self.stop.take().unwrap().send(());
-        self.running.take().unwrap().wait().await.unwrap();
-        self.dir
-    }
-}
-
-fn p256() -> rcgen::KeyPair {
-    rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 fn claims(ns: &str, sa: &str) -> Claims {
     Claims {
@@ -139,30 +39,6 @@ fn claims(ns: &str, sa: &str) -> Claims {
             }),
         }),
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: t\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head[9..12].parse().unwrap(), body.to_owned())
-}
-
-fn metric(text: &str, line_prefix: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(line_prefix)
-                .map(|v| v.trim().parse::<f64>().unwrap())
-        })
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]

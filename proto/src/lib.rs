@@ -2,6 +2,9 @@
 //!
 //! # Layout
 //! - [`identity::v1`]: `meshlet.identity.v1.Identity/Certify`, CSR + token in, SVID out.
+//! - [`discovery::v1`]: `meshlet.discovery.v1.Discovery/Watch`, one destination's state and
+//!   the trust bundle, streamed.
+//! - [`connect`]: a tonic channel to the control plane over TLS.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 
 /// `meshlet.identity.v1`
@@ -11,6 +14,16 @@ pub mod identity {
         #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
         #![allow(clippy::all, clippy::pedantic)]
         tonic::include_proto!("meshlet.identity.v1");
+    }
+}
+
+/// `meshlet.discovery.v1`
+pub mod discovery {
+    /// Version 1 of the discovery protocol.
+    pub mod v1 {
+        #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("meshlet.discovery.v1");
     }
 }
 

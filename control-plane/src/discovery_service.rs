@@ -1,0 +1,107 @@
+//! `meshlet.discovery.v1.Discovery/Watch`: one destination's state and the trust bundle.
+//!
+//! A watch for "ip:port" reports the identity registered for exactly that address, else the
+//! one registered for the bare IP (a pod serves every port of its IP). The full state is sent
+//! first and again on every change; a stream ends when the client leaves or the control plane
+//! shuts down (the sidecar then watches again).
+
+use std::sync::Arc;
+
+use meshlet_identity::SpiffeId;
+use meshlet_proto::discovery::v1::discovery_server::Discovery;
+use meshlet_proto::discovery::v1::{Endpoint, WatchRequest, WatchResponse};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::identity_service::parse_address;
+use crate::registry::Registry;
+use crate::token::Authenticator;
+
+/// The trust bundle as streamed: DER roots. Replaced as a whole when roots rotate.
+pub type Bundle = Arc<Vec<Vec<u8>>>;
+
+/// The Discovery service and what it needs.
+#[derive(Debug)]
+pub struct DiscoveryService {
+    pub auth: Arc<Authenticator>,
+    pub registry: Arc<Registry>,
+    pub bundle: watch::Receiver<Bundle>,
+    pub stop: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        self.auth
+            .authenticate(&request.token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let address = parse_address(&request.address)?;
+        let exact = address.as_deref().map(|a| self.registry.watch_address(a));
+        let by_ip = address
+            .as_deref()
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| self.registry.watch_address(&a.ip().to_string()));
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(stream(
+            address,
+            exact,
+            by_ip,
+            self.bundle.clone(),
+            tx,
+            self.stop.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn stream(
+    address: Option<String>,
+    mut exact: Option<watch::Receiver<Option<SpiffeId>>>,
+    mut by_ip: Option<watch::Receiver<Option<SpiffeId>>>,
+    mut bundle: watch::Receiver<Bundle>,
+    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let id = current(&mut exact).or_else(|| current(&mut by_ip));
+        let message = WatchResponse {
+            trust_bundle: bundle.borrow_and_update().to_vec(),
+            endpoint: address.as_ref().map(|a| Endpoint {
+                address: a.clone(),
+                meshed: id.is_some(),
+                identity: id.map(|i| i.to_string()).unwrap_or_default(),
+            }),
+        };
+        if tx.send(Ok(message)).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tx.closed() => return,
+            r = bundle.changed() => if r.is_err() { return },
+            r = changed(&mut exact) => if r.is_err() { return },
+            r = changed(&mut by_ip) => if r.is_err() { return },
+        }
+    }
+}
+
+fn current(rx: &mut Option<watch::Receiver<Option<SpiffeId>>>) -> Option<SpiffeId> {
+    rx.as_mut().and_then(|rx| rx.borrow_and_update().clone())
+}
+
+async fn changed(
+    rx: &mut Option<watch::Receiver<Option<SpiffeId>>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
