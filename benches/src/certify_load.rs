@@ -103,8 +103,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &[meshlet_proto::connect::GRPC_ALPN],
     )?);
     let channels: Vec<_> = (0..args.connections.max(1))
-        .map(|_| meshlet_proto::connect::tls_channel(control.grpc_addr, tls.clone()))
-        .collect();
+        .map(|_| meshlet_proto::connect::tls_channel(&control.grpc_addr.to_string(), tls.clone()))
+        .collect::<Result<_, _>>()?;
 
     let mut levels = Vec::new();
     for &c in &args.concurrency {

@@ -86,9 +86,9 @@ async fn round_trip(
         &[meshlet_proto::connect::GRPC_ALPN],
     )?;
     let mut client = IdentityClient::new(meshlet_proto::connect::tls_channel(
-        control.grpc_addr,
+        &control.grpc_addr.to_string(),
         Arc::new(grpc_tls),
-    ));
+    )?);
 
     let signer = LocalSigner::load_or_create(data_dir)?;
     let (ns, sa) = ("demo", "web");

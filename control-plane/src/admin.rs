@@ -1,17 +1,13 @@
 //! The admin HTTP API (port 15014): `/ready`, `/live`, `/metrics`, `/v1/trust-bundle` and
 //! `/v1/certs`. Read-only; plain HTTP/1.1.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use meshlet_identity::ca::Ca;
 use meshlet_identity::cert::CertSummary;
+use meshlet_telemetry::admin::{self, Body};
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -63,55 +59,18 @@ impl From<CertSummary> for RootStatus {
 
 /// Serves the admin API on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req, OffsetDateTime::now_utc())) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+    let route = move |req: &Request<Incoming>| route(&state, req, OffsetDateTime::now_utc());
+    admin::serve(listener, Arc::new(route), shutdown).await;
 }
 
-fn route(
-    state: &AdminState,
-    req: &Request<Incoming>,
-    now: OffsetDateTime,
-) -> Response<Full<Bytes>> {
+fn route(state: &AdminState, req: &Request<Incoming>, now: OffsetDateTime) -> Response<Body> {
     if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
+        return admin::text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
     match req.uri().path() {
-        "/ready" | "/live" => text(StatusCode::OK, "ok\n"),
-        "/metrics" => match meshlet_telemetry::prometheus_text(&state.metrics) {
-            Ok(body) => respond(
-                StatusCode::OK,
-                meshlet_telemetry::PROMETHEUS_CONTENT_TYPE,
-                body,
-            ),
-            Err(_) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "metrics encoding failed\n",
-            ),
-        },
-        "/v1/trust-bundle" => respond(
+        "/ready" | "/live" => admin::text(StatusCode::OK, "ok\n"),
+        "/metrics" => admin::metrics(&state.metrics),
+        "/v1/trust-bundle" => admin::respond(
             StatusCode::OK,
             "application/x-pem-file",
             state.ca.trust_bundle_pem(),
@@ -119,23 +78,25 @@ fn route(
         "/v1/certs" => {
             let filter = match CertsFilter::parse(req.uri().query().unwrap_or("")) {
                 Ok(f) => f,
-                Err(msg) => return text(StatusCode::BAD_REQUEST, &msg),
+                Err(msg) => {
+                    return admin::respond(
+                        StatusCode::BAD_REQUEST,
+                        "text/plain; charset=utf-8",
+                        msg,
+                    );
+                }
             };
             let mut workloads = state.registry.snapshot(now, state.expiring_share);
             workloads.retain(|w| filter.keeps(w));
-            let body = CertsResponse {
+            admin::json(&CertsResponse {
                 workloads,
                 ca: CaStatus {
                     roots: state.ca.roots().into_iter().map(RootStatus::from).collect(),
                     intermediate_not_after: state.ca.issuer_not_after(),
                 },
-            };
-            match serde_json::to_string(&body) {
-                Ok(json) => respond(StatusCode::OK, "application/json", json),
-                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
-            }
+            })
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => admin::text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
@@ -182,18 +143,4 @@ impl CertsFilter {
             .is_none_or(|ns| w.spiffe_id.path().starts_with(&format!("/ns/{ns}/")));
         ns_ok && self.state.is_none_or(|s| s == w.state)
     }
-}
-
-fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    resp
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    respond(status, "text/plain; charset=utf-8", body.to_owned())
 }

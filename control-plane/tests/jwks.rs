@@ -44,10 +44,10 @@ async fn certify(running: &meshlet_control::Running, token: String) -> Result<()
         &[meshlet_proto::connect::GRPC_ALPN],
     )
     .unwrap();
-    let mut client = IdentityClient::new(meshlet_proto::connect::tls_channel(
-        running.grpc_addr,
-        Arc::new(config),
-    ));
+    let mut client = IdentityClient::new(
+        meshlet_proto::connect::tls_channel(&running.grpc_addr.to_string(), Arc::new(config))
+            .unwrap(),
+    );
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     client
         .certify(CertifyRequest {

@@ -1,8 +1,11 @@
-//! Telemetry shared by the control plane and the sidecar.
+//! What operators see, shared by the control plane and the sidecar.
 //!
 //! # Layout
 //! - [`prometheus_text`]: a prometheus-client registry in the Prometheus text format
 //!   (`text/plain; version=0.0.4`), the format `promtool check metrics` reads.
+//! - [`admin`]: the small HTTP/1.1 server behind both admin APIs, and response helpers.
+
+pub mod admin;
 
 use prometheus_client::registry::Registry;
 

@@ -62,7 +62,8 @@ impl ControlPlane {
         let config =
             tls::client_config(roots, expected, None, &[meshlet_proto::connect::GRPC_ALPN])
                 .unwrap();
-        meshlet_proto::connect::tls_channel(self.running().grpc_addr, Arc::new(config))
+        meshlet_proto::connect::tls_channel(&self.running().grpc_addr.to_string(), Arc::new(config))
+            .unwrap()
     }
 
     pub fn client(&self) -> IdentityClient<Channel> {

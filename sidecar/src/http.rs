@@ -1,0 +1,176 @@
+//! HTTP/1.1 and HTTP/2 proxying per request, with hyper, over one upstream connection per
+//! downstream connection (keep-alive on both sides). Each request is counted and timed;
+//! an upstream that fails gets the client a 502. HTTP/1.1 upgrades (WebSocket) are relayed.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1 as client1, http2 as client2};
+use hyper::server::conn::{http1 as server1, http2 as server2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Mutex;
+
+use crate::detect::Protocol;
+use crate::metrics::{DirectionLabels, RequestLabels};
+use crate::relay::RelayCtx;
+
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The upstream half: HTTP/1 sends one request at a time, HTTP/2 multiplexes.
+#[derive(Clone)]
+enum Upstream {
+    H1(Arc<Mutex<client1::SendRequest<Incoming>>>),
+    H2(client2::SendRequest<Incoming>),
+}
+
+impl Upstream {
+    async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error> {
+        match self {
+            Self::H1(sender) => {
+                let mut sender = sender.lock().await;
+                sender.ready().await?;
+                sender.send_request(req).await
+            }
+            Self::H2(sender) => {
+                let mut sender = sender.clone();
+                sender.ready().await?;
+                sender.send_request(req).await
+            }
+        }
+    }
+}
+
+/// Proxies HTTP between `down` and `up` until the client is done.
+pub async fn proxy<D, U>(down: D, up: U, protocol: Protocol, ctx: &RelayCtx)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let upstream = match handshake(up, protocol).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "upstream HTTP handshake failed");
+            return;
+        }
+    };
+    let ctx = Arc::new(ctx.clone());
+    let service_ctx = ctx.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let upstream = upstream.clone();
+        let ctx = service_ctx.clone();
+        async move { Ok::<_, Infallible>(forward(req, &upstream, &ctx).await) }
+    });
+    let io = TokioIo::new(down);
+    let served = match protocol {
+        Protocol::Http2 => {
+            let conn = server2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = ctx.drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        _ => {
+            let conn = server1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = ctx.drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+async fn handshake<U>(up: U, protocol: Protocol) -> Result<Upstream, hyper::Error>
+where
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(up);
+    if protocol == Protocol::Http2 {
+        let (sender, conn) = client2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await?;
+        tokio::spawn(conn);
+        Ok(Upstream::H2(sender))
+    } else {
+        let (sender, conn) = client1::handshake(io).await?;
+        tokio::spawn(conn.with_upgrades());
+        Ok(Upstream::H1(Arc::new(Mutex::new(sender))))
+    }
+}
+
+/// Forwards one request and returns the response (or a 502), counting and timing it.
+async fn forward(
+    mut req: Request<Incoming>,
+    upstream: &Upstream,
+    ctx: &RelayCtx,
+) -> Response<Body> {
+    let started = Instant::now();
+    let wants_upgrade = req.headers().contains_key(http::header::UPGRADE);
+    let downstream_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let response = match upstream.send(req).await {
+        Ok(mut resp) => {
+            if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) =
+                (downstream_upgrade, resp.status())
+            {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(down), Ok(up)) = (down.await, up.await) {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(down),
+                            &mut TokioIo::new(up),
+                        )
+                        .await;
+                    }
+                });
+            }
+            resp.map(BodyExt::boxed)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "upstream request failed");
+            let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+            *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            resp
+        }
+    };
+    let direction = ctx.direction;
+    ctx.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction,
+            status_code: response.status().as_u16(),
+            tls: ctx.tls,
+        })
+        .inc();
+    ctx.metrics
+        .request_duration
+        .get_or_create(&DirectionLabels { direction })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,286 @@
+//! Inbound: a connection arrives for the local app; we look at its first bytes, decide
+//! terminate, pass through or refuse, then act.
+//!
+//! A TLS ClientHello offering meshlet's ALPN is terminated with mutual TLS (the client
+//! must present a valid SVID of our trust domain) and forwarded in plaintext to the app.
+//! Anything else is passed through untouched in permissive mode and refused in strict mode.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use meshlet_identity::MESH_ALPN;
+use meshlet_identity::cert::svid_id;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::detect::{self, Hello};
+use crate::identity::Creds;
+use crate::io::{Prefixed, sniff};
+use crate::metrics::{Direction, HandshakeError, Metrics, Refusal};
+use crate::relay::{RelayCtx, connect, relay};
+
+/// What inbound accepts besides mutual TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    /// Plaintext and other TLS are passed through to the app.
+    Permissive,
+    /// Only meshlet's mutual TLS is accepted.
+    Strict,
+}
+
+/// What the first bytes of an inbound connection were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    /// A ClientHello offering meshlet's ALPN.
+    MeshTls,
+    /// Some other TLS (an app's own TLS, a client outside the mesh).
+    OtherTls,
+    /// Not TLS.
+    Plaintext,
+    /// Nothing within the time box (a client waiting for the server to speak).
+    Silent,
+}
+
+/// Classifies the sniffed bytes.
+pub fn classify(bytes: &[u8]) -> Sniffed {
+    match detect::client_hello(bytes) {
+        Hello::Tls { alpn } if alpn.iter().any(|p| p == MESH_ALPN) => Sniffed::MeshTls,
+        Hello::Tls { .. } => Sniffed::OtherTls,
+        Hello::NotTls => Sniffed::Plaintext,
+        Hello::NeedMore if bytes.is_empty() => Sniffed::Silent,
+        // A partial record that never completed in time: not something we can terminate.
+        Hello::NeedMore => Sniffed::OtherTls,
+    }
+}
+
+/// What to do with one inbound connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Terminate mutual TLS, then forward plaintext to the app at this address.
+    Terminate(SocketAddr),
+    /// Forward the bytes untouched to the app at this address.
+    Passthrough(SocketAddr),
+    Refuse(Refusal),
+}
+
+/// Decides an inbound connection meant for `app`. `own` are the sidecar's listeners.
+pub fn decide(
+    sniffed: Sniffed,
+    mode: InboundMode,
+    have_creds: bool,
+    app: SocketAddr,
+    own: &[SocketAddr],
+) -> Plan {
+    if own
+        .iter()
+        .any(|o| o.port() == app.port() && (o.ip() == app.ip() || o.ip().is_unspecified()))
+    {
+        return Plan::Refuse(Refusal::loop_detected);
+    }
+    match (sniffed, mode) {
+        (Sniffed::MeshTls, _) if have_creds => Plan::Terminate(app),
+        (Sniffed::MeshTls, _) => Plan::Refuse(Refusal::no_certificate),
+        (_, InboundMode::Permissive) => Plan::Passthrough(app),
+        (_, InboundMode::Strict) => Plan::Refuse(Refusal::plaintext_in_strict_mode),
+    }
+}
+
+/// The inbound side of the sidecar.
+#[derive(Debug)]
+pub struct Inbound {
+    pub creds: watch::Receiver<Option<Arc<Creds>>>,
+    pub metrics: Arc<Metrics>,
+    pub mode: InboundMode,
+    /// Explicit mode: where the app listens. Transparent mode: None (the original
+    /// destination is the app).
+    pub app_addr: Option<SocketAddr>,
+    pub own: Vec<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub sniff_timeout: Duration,
+    pub drain: CancellationToken,
+}
+
+impl Inbound {
+    /// Handles one connection whose original destination is `dst`.
+    pub async fn handle(self: Arc<Self>, mut conn: TcpStream, dst: SocketAddr) {
+        let app = self.app_addr.unwrap_or(dst);
+        let mut first = BytesMut::new();
+        let enough = |b: &[u8]| detect::client_hello(b) != Hello::NeedMore;
+        if sniff(
+            &mut conn,
+            &mut first,
+            self.sniff_timeout,
+            detect::MAX_SNIFF,
+            enough,
+        )
+        .await
+        .is_err()
+        {
+            return;
+        }
+        let creds = self
+            .creds
+            .borrow()
+            .clone()
+            .filter(|c| c.valid_at(SystemTime::now()));
+        let plan = decide(classify(&first), self.mode, creds.is_some(), app, &self.own);
+        tracing::debug!(%dst, ?plan, "inbound");
+        let conn = Prefixed::new(first, conn);
+        match (plan, creds) {
+            (Plan::Refuse(reason), _) => self.metrics.refuse(Direction::inbound, reason),
+            (Plan::Passthrough(app), _) => match connect(app, self.connect_timeout).await {
+                Ok(upstream) => relay(conn, upstream, self.ctx(false, None)).await,
+                Err(_) => self
+                    .metrics
+                    .refuse(Direction::inbound, Refusal::upstream_unreachable),
+            },
+            (Plan::Terminate(app), Some(creds)) => self.terminate(conn, app, &creds).await,
+            (Plan::Terminate(_), None) => self
+                .metrics
+                .refuse(Direction::inbound, Refusal::no_certificate),
+        }
+    }
+
+    async fn terminate(&self, conn: Prefixed<TcpStream>, app: SocketAddr, creds: &Creds) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(creds.server.clone());
+        let tls = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(conn)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return self.handshake_failed(HandshakeError::of(&e), &e.to_string()),
+            Err(_) => return self.handshake_failed(HandshakeError::timeout, "timed out"),
+        };
+        // The client verifier accepted a chain to our bundle and an ID of our trust domain.
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| svid_id(leaf).ok());
+        let Some(peer) = peer else {
+            return self.handshake_failed(HandshakeError::no_peer_certificate, "no client SVID");
+        };
+        let Ok(upstream) = connect(app, self.connect_timeout).await else {
+            return self
+                .metrics
+                .refuse(Direction::inbound, Refusal::upstream_unreachable);
+        };
+        relay(tls, upstream, self.ctx(true, Some(peer.to_string()))).await;
+    }
+
+    fn handshake_failed(&self, reason: HandshakeError, detail: &str) {
+        tracing::warn!(
+            ?reason,
+            detail,
+            "inbound mutual TLS failed; connection refused"
+        );
+        self.metrics.handshake_error(Direction::inbound, reason);
+        self.metrics
+            .refuse(Direction::inbound, Refusal::tls_handshake);
+    }
+
+    fn ctx(&self, tls: bool, peer: Option<String>) -> RelayCtx {
+        RelayCtx {
+            metrics: self.metrics.clone(),
+            direction: Direction::inbound,
+            tls,
+            peer,
+            sniff_timeout: self.sniff_timeout,
+            drain: self.drain.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_decisions() {
+        use InboundMode::{Permissive, Strict};
+        use Sniffed::*;
+        let app: SocketAddr = "10.0.0.2:8080".parse().expect("valid");
+        let own: Vec<SocketAddr> = vec![
+            "0.0.0.0:15006".parse().expect("valid"),
+            "0.0.0.0:15000".parse().expect("valid"),
+        ];
+        let cases = [
+            (MeshTls, Permissive, true, app, Plan::Terminate(app)),
+            (MeshTls, Strict, true, app, Plan::Terminate(app)),
+            (
+                MeshTls,
+                Strict,
+                false,
+                app,
+                Plan::Refuse(Refusal::no_certificate),
+            ),
+            (
+                MeshTls,
+                Permissive,
+                false,
+                app,
+                Plan::Refuse(Refusal::no_certificate),
+            ),
+            (Plaintext, Permissive, true, app, Plan::Passthrough(app)),
+            (Plaintext, Permissive, false, app, Plan::Passthrough(app)),
+            (OtherTls, Permissive, true, app, Plan::Passthrough(app)),
+            (Silent, Permissive, true, app, Plan::Passthrough(app)),
+            (
+                Plaintext,
+                Strict,
+                true,
+                app,
+                Plan::Refuse(Refusal::plaintext_in_strict_mode),
+            ),
+            (
+                OtherTls,
+                Strict,
+                true,
+                app,
+                Plan::Refuse(Refusal::plaintext_in_strict_mode),
+            ),
+            (
+                Silent,
+                Strict,
+                true,
+                app,
+                Plan::Refuse(Refusal::plaintext_in_strict_mode),
+            ),
+            (
+                MeshTls,
+                Permissive,
+                true,
+                "10.0.0.2:15006".parse().expect("valid"),
+                Plan::Refuse(Refusal::loop_detected),
+            ),
+            (
+                Plaintext,
+                Permissive,
+                true,
+                "10.0.0.2:15000".parse().expect("valid"),
+                Plan::Refuse(Refusal::loop_detected),
+            ),
+        ];
+        for (sniffed, mode, have_creds, app, want) in cases {
+            assert_eq!(
+                decide(sniffed, mode, have_creds, app, &own),
+                want,
+                "{sniffed:?} {mode:?} creds={have_creds} {app}"
+            );
+        }
+    }
+
+    #[test]
+    fn first_bytes_are_classified() {
+        assert_eq!(classify(b""), Sniffed::Silent);
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Sniffed::Plaintext);
+        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x00]), Sniffed::OtherTls);
+        assert_eq!(
+            classify(&[0x16, 0x03, 0x01, 0, 2, 0x01, 0]),
+            Sniffed::OtherTls
+        );
+    }
+}

@@ -1,0 +1,345 @@
+//! meshlet's sidecar: captures a pod's TCP traffic, upgrades pod-to-pod connections to
+//! mutual TLS with verified SPIFFE identities, and proxies HTTP per request.
+//!
+//! # Layout
+//! - [`run`]: starts everything on already-bound listeners; drains on shutdown.
+//! - [`config`]: `run` flags (`MESHLET_*`), explicit-mode routes.
+//! - [`identity`]: the certificate: Certify, renewal at ~½ life, TLS configs via a watch.
+//! - [`discovery`]: per-destination watches: meshed or not, and with which identity.
+//! - [`outbound`], [`inbound`]: one `decide` (pure, table-tested) and one `handle` each.
+//! - [`relay`]: protocol detection, then [`http`] (hyper, per request) or opaque TCP copy.
+//! - [`detect`]: ClientHello/ALPN and HTTP detection on first bytes; [`io`]: replay, sniff.
+//! - [`init`]: the iptables capture rules (`meshlet-proxy init`); [`orig_dst`]: SO_ORIGINAL_DST.
+//! - [`admin`]: `/ready`, `/live`, `/certs`, `/metrics`; [`metrics`]: closed label sets.
+
+pub mod admin;
+pub mod config;
+pub mod detect;
+pub mod discovery;
+pub mod http;
+pub mod identity;
+pub mod inbound;
+pub mod init;
+pub mod io;
+pub mod metrics;
+pub mod orig_dst;
+pub mod outbound;
+pub mod relay;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use meshlet_identity::{Expected, tls};
+use meshlet_proto::identity::v1::identity_client::IdentityClient;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, Route, RunArgs};
+
+use crate::identity::{CertStatus, Creds, IdentityTask};
+use crate::inbound::Inbound;
+use crate::metrics::{Direction, Metrics, Refusal};
+use crate::outbound::Outbound;
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("--trust-bundle {0}: {1}")]
+    TrustBundle(String, String),
+    #[error("control plane TLS: {0}")]
+    Tls(#[from] tls::TlsConfigError),
+    #[error("--control-addr: {0}")]
+    ControlAddr(#[from] tonic::transport::Error),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The sidecar's listeners, bound by the caller (port 0 in tests).
+#[derive(Debug)]
+pub struct Listeners {
+    pub admin: TcpListener,
+    pub inbound: TcpListener,
+    pub outbound: TcpListener,
+    /// Explicit-mode routes, each with its listener.
+    pub routes: Vec<(TcpListener, Route)>,
+}
+
+impl Listeners {
+    /// Binds every listener `config` names.
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        let mut routes = Vec::new();
+        for route in &config.routes {
+            routes.push((TcpListener::bind(route.listen).await?, route.clone()));
+        }
+        Ok(Self {
+            admin: TcpListener::bind(config.admin_addr).await?,
+            inbound: TcpListener::bind(config.inbound_addr).await?,
+            outbound: TcpListener::bind(config.outbound_addr).await?,
+            routes,
+        })
+    }
+}
+
+/// A started sidecar.
+#[derive(Debug)]
+pub struct Running {
+    pub admin_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub route_addrs: Vec<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    creds: watch::Receiver<Option<Arc<Creds>>>,
+    stopped: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits for the first certificate (what `/ready` reports).
+    pub async fn ready(&self) {
+        let mut creds = self.creds.clone();
+        let _ = creds.wait_for(Option::is_some).await;
+    }
+
+    /// Waits until shutdown and draining are complete.
+    pub async fn wait(self) {
+        let _ = self.stopped.await;
+    }
+}
+
+/// Starts the sidecar on `listeners`. When `shutdown` completes it stops accepting, lets
+/// in-flight connections finish for up to `drain_timeout`, then stops.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Running, ProxyError> {
+    let bundle_pem = std::fs::read(&config.trust_bundle).map_err(|e| {
+        ProxyError::TrustBundle(config.trust_bundle.display().to_string(), e.to_string())
+    })?;
+    let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bundle_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            ProxyError::TrustBundle(config.trust_bundle.display().to_string(), e.to_string())
+        })?;
+    let control_tls = tls::client_config(
+        tls::root_store(&bundle)?,
+        Expected::Exact(config.control_identity.clone()),
+        None,
+        &[meshlet_proto::connect::GRPC_ALPN],
+    )?;
+    let channel = meshlet_proto::connect::tls_channel(&config.control_addr, Arc::new(control_tls))?;
+
+    let addrs = Addresses {
+        admin: listeners.admin.local_addr()?,
+        inbound: listeners.inbound.local_addr()?,
+        outbound: listeners.outbound.local_addr()?,
+        routes: listeners
+            .routes
+            .iter()
+            .map(|(l, _)| l.local_addr())
+            .collect::<Result<_, _>>()?,
+    };
+    let own: Vec<SocketAddr> = [addrs.admin, addrs.inbound, addrs.outbound]
+        .into_iter()
+        .chain(addrs.routes.iter().copied())
+        .collect();
+    // Explicit mode registers the inbound listener's address and port; a pod its IP.
+    let address = match (config.app_addr, config.pod_ip) {
+        (Some(_), ip) => Some(
+            SocketAddr::new(ip.unwrap_or(addrs.inbound.ip()), addrs.inbound.port()).to_string(),
+        ),
+        (None, ip) => ip.map(|ip| ip.to_string()),
+    };
+
+    let accepting = CancellationToken::new();
+    let draining = CancellationToken::new();
+    let background = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    let (creds_tx, creds) = watch::channel(None);
+    let status = Arc::new(ArcSwap::from_pointee(CertStatus::default()));
+    let (bundle_tx, bundle_rx) = watch::channel(bundle);
+    let identity = IdentityTask {
+        client: IdentityClient::new(channel.clone()),
+        token_file: config.token_file.clone(),
+        address,
+        creds: creds_tx,
+        status: status.clone(),
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(identity::maintain(identity, bundle_rx, background.clone()));
+    tokio::spawn(discovery::watch_bundle(
+        channel.clone(),
+        config.token_file.clone(),
+        bundle_tx,
+        background.clone(),
+    ));
+    let resolver = discovery::Resolver::new(
+        channel,
+        config.token_file.clone(),
+        config.discovery_timeout,
+        background.clone(),
+    );
+
+    let outbound = Arc::new(Outbound {
+        resolver,
+        creds: creds.clone(),
+        metrics: metrics.clone(),
+        own: own.clone(),
+        connect_timeout: config.connect_timeout,
+        handshake_timeout: config.connect_timeout,
+        sniff_timeout: config.sniff_timeout,
+        drain: draining.clone(),
+    });
+    let inbound = Arc::new(Inbound {
+        creds: creds.clone(),
+        metrics: metrics.clone(),
+        mode: config.inbound_mode,
+        app_addr: config.app_addr,
+        own,
+        connect_timeout: config.connect_timeout,
+        handshake_timeout: config.connect_timeout,
+        sniff_timeout: config.sniff_timeout,
+        drain: draining.clone(),
+    });
+    let tracker = TaskTracker::new();
+    let explicit = config.app_addr.is_some();
+    {
+        let (outbound, metrics) = (outbound.clone(), metrics.clone());
+        tokio::spawn(accept_loop(
+            listeners.outbound,
+            accepting.clone(),
+            tracker.clone(),
+            move |conn| {
+                let (outbound, metrics) = (outbound.clone(), metrics.clone());
+                async move {
+                    match orig_dst::original_dst(&conn) {
+                        Ok(dst) => outbound.handle(conn, dst, None).await,
+                        Err(_) => {
+                            metrics.refuse(Direction::outbound, Refusal::no_original_destination)
+                        }
+                    }
+                }
+            },
+        ));
+    }
+    for (listener, route) in listeners.routes {
+        let outbound = outbound.clone();
+        tokio::spawn(accept_loop(
+            listener,
+            accepting.clone(),
+            tracker.clone(),
+            move |conn| {
+                outbound
+                    .clone()
+                    .handle(conn, route.upstream, route.identity.clone())
+            },
+        ));
+    }
+    {
+        let (inbound, metrics) = (inbound.clone(), metrics.clone());
+        let app_addr = config.app_addr;
+        tokio::spawn(accept_loop(
+            listeners.inbound,
+            accepting.clone(),
+            tracker.clone(),
+            move |conn| {
+                let (inbound, metrics) = (inbound.clone(), metrics.clone());
+                async move {
+                    let dst = match (explicit, app_addr) {
+                        (true, Some(app)) => Ok(app),
+                        _ => orig_dst::original_dst(&conn),
+                    };
+                    match dst {
+                        Ok(dst) => inbound.handle(conn, dst).await,
+                        Err(_) => {
+                            metrics.refuse(Direction::inbound, Refusal::no_original_destination)
+                        }
+                    }
+                }
+            },
+        ));
+    }
+    let is_draining = Arc::new(AtomicBool::new(false));
+    let admin_state = Arc::new(admin::AdminState {
+        creds: creds.clone(),
+        status,
+        metrics: metrics.registry(),
+        draining: is_draining.clone(),
+    });
+    tokio::spawn(admin::serve(
+        listeners.admin,
+        admin_state,
+        background.clone(),
+    ));
+
+    let drain_timeout = config.drain_timeout;
+    let stopped = tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!(in_flight = tracker.len(), ?drain_timeout, "draining");
+        is_draining.store(true, Ordering::Relaxed);
+        accepting.cancel();
+        draining.cancel();
+        tracker.close();
+        if tokio::time::timeout(drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = tracker.len(),
+                "drain deadline passed; closing the remaining connections"
+            );
+        }
+        background.cancel();
+    });
+    tracing::info!(admin = %addrs.admin, inbound = %addrs.inbound, outbound = %addrs.outbound, routes = ?addrs.routes, "sidecar serving");
+    Ok(Running {
+        admin_addr: addrs.admin,
+        inbound_addr: addrs.inbound,
+        outbound_addr: addrs.outbound,
+        route_addrs: addrs.routes,
+        metrics,
+        creds,
+        stopped,
+    })
+}
+
+struct Addresses {
+    admin: SocketAddr,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    routes: Vec<SocketAddr>,
+}
+
+/// Accepts until `stop`, handing each connection to `handle` as a tracked task.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    handle: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((conn, _)) => {
+                    let _ = conn.set_nodelay(true);
+                    tracker.spawn(handle(conn));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: existing connections go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}

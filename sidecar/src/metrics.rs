@@ -1,0 +1,258 @@
+//! The sidecar's Prometheus metrics, with label sets from closed enums, and the
+//! per-connection record that is written once, when the connection ends (even when its task
+//! is cancelled during drain).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue, serde::Serialize)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    inbound,
+    outbound,
+}
+
+/// Why a connection was refused or failed before any byte reached its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue, serde::Serialize)]
+#[allow(non_camel_case_types)]
+pub enum Refusal {
+    /// Strict inbound mode and the client did not speak meshlet's TLS.
+    plaintext_in_strict_mode,
+    /// Mesh traffic, but this sidecar has no valid certificate (it never fails open).
+    no_certificate,
+    /// Whether the destination is meshed could not be learned in time.
+    discovery_unavailable,
+    /// A connection aimed at the sidecar's own listeners.
+    loop_detected,
+    /// The original destination could not be read.
+    no_original_destination,
+    /// The destination did not accept the connection.
+    upstream_unreachable,
+    /// The TLS handshake between sidecars failed (see the handshake errors metric).
+    tls_handshake,
+}
+
+/// Why a TLS handshake between sidecars failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum HandshakeError {
+    /// The peer's certificate did not chain to the trust bundle, or had expired.
+    untrusted_certificate,
+    /// The peer's SPIFFE ID was not the one expected.
+    wrong_identity,
+    /// The peer presented no certificate.
+    no_peer_certificate,
+    /// Timed out.
+    timeout,
+    /// Anything else at the TLS layer (bad records, protocol errors, I/O).
+    protocol,
+}
+
+impl HandshakeError {
+    /// Classifies a handshake error for the metric.
+    pub fn of(e: &std::io::Error) -> Self {
+        let Some(tls) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        else {
+            return Self::protocol;
+        };
+        match tls {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_)) => {
+                Self::wrong_identity
+            }
+            rustls::Error::InvalidCertificate(_) => Self::untrusted_certificate,
+            rustls::Error::NoCertificatesPresented => Self::no_peer_certificate,
+            _ => Self::protocol,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    pub status_code: u16,
+    pub tls: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: Direction,
+    pub tls: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: Direction,
+    pub reason: HandshakeError,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub direction: Direction,
+    pub reason: Refusal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RotationResult {
+    success,
+    failure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RotationLabels {
+    pub result: RotationResult,
+}
+
+/// Latency buckets from 100 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
+];
+
+/// Every metric the sidecar exports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<DirectionLabels, Histogram>,
+    pub connections: Family<ConnLabels, Counter>,
+    pub bytes: Family<DirectionLabels, Counter>,
+    pub handshake_errors: Family<HandshakeLabels, Counter>,
+    pub refused: Family<RefusalLabels, Counter>,
+    pub cert_expiry: Gauge<i64, AtomicI64Shim>,
+    pub rotations: Family<RotationLabels, Counter>,
+}
+
+/// prometheus-client's integer gauge storage.
+pub type AtomicI64Shim = std::sync::atomic::AtomicI64;
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
+            connections: Family::default(),
+            bytes: Family::default(),
+            handshake_errors: Family::default(),
+            refused: Family::default(),
+            cert_expiry: Gauge::default(),
+            rotations: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `meshlet_` prefix.
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut registry = Registry::default();
+        let r = registry.sub_registry_with_prefix("meshlet");
+        r.register("requests", "HTTP requests proxied", self.requests.clone());
+        r.register_with_unit(
+            "request_duration",
+            "Time from request to response headers",
+            Unit::Seconds,
+            self.request_duration.clone(),
+        );
+        r.register(
+            "tcp_connections",
+            "TCP connections proxied",
+            self.connections.clone(),
+        );
+        r.register("tcp_bytes", "Bytes proxied, both ways", self.bytes.clone());
+        r.register(
+            "tls_handshake_errors",
+            "Failed TLS handshakes between sidecars",
+            self.handshake_errors.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused before reaching their destination",
+            self.refused.clone(),
+        );
+        r.register(
+            "identity_cert_expiry_timestamp_seconds",
+            "When this sidecar's certificate expires (Unix time)",
+            self.cert_expiry.clone(),
+        );
+        r.register(
+            "identity_cert_rotations",
+            "Certificate renewals, by result",
+            self.rotations.clone(),
+        );
+        registry
+    }
+
+    pub fn refuse(&self, direction: Direction, reason: Refusal) {
+        self.refused
+            .get_or_create(&RefusalLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn handshake_error(&self, direction: Direction, reason: HandshakeError) {
+        self.handshake_errors
+            .get_or_create(&HandshakeLabels { direction, reason })
+            .inc();
+    }
+}
+
+/// One proxied connection's result, recorded once when dropped.
+#[derive(Debug)]
+pub struct ConnRecord {
+    metrics: Arc<Metrics>,
+    pub direction: Direction,
+    pub tls: bool,
+    pub bytes: Arc<AtomicU64>,
+    started: Instant,
+    pub peer: String,
+}
+
+impl ConnRecord {
+    pub fn new(metrics: Arc<Metrics>, direction: Direction, tls: bool, peer: String) -> Self {
+        metrics
+            .connections
+            .get_or_create(&ConnLabels { direction, tls })
+            .inc();
+        Self {
+            metrics,
+            direction,
+            tls,
+            bytes: Arc::default(),
+            started: Instant::now(),
+            peer,
+        }
+    }
+}
+
+impl Drop for ConnRecord {
+    fn drop(&mut self) {
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        self.metrics
+            .bytes
+            .get_or_create(&DirectionLabels {
+                direction: self.direction,
+            })
+            .inc_by(bytes);
+        tracing::debug!(
+            direction = ?self.direction,
+            tls = self.tls,
+            peer = %self.peer,
+            bytes,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "connection closed"
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Outbound: the local app connects somewhere; we decide mutual TLS or passthrough, then act.
+//!
+//! [`decide`] is the security decision, pure and tested as a table: a meshed destination
+//! gets mutual TLS and must present the SPIFFE ID discovery (or the route) names; a
+//! destination known not to be meshed is passed through; an unknown one is refused (never
+//! plaintext to what may be a meshed peer); without a valid certificate, mesh traffic is
+//! refused (never fail open).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshlet_identity::{Expected, SpiffeId};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::discovery::{Resolution, Resolver};
+use crate::identity::Creds;
+use crate::metrics::{Direction, HandshakeError, Metrics, Refusal};
+use crate::relay::{RelayCtx, connect, relay};
+
+/// What to do with one outbound connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Connect to `dst` and pass the bytes through untouched.
+    Passthrough(SocketAddr),
+    /// Connect to `dst` with mutual TLS; the server must present `identity`.
+    Mesh {
+        dst: SocketAddr,
+        identity: SpiffeId,
+    },
+    Refuse(Refusal),
+}
+
+/// Decides an outbound connection to `dst`. `own` are the sidecar's listeners (a
+/// connection to one of them would loop).
+pub fn decide(
+    dst: SocketAddr,
+    own: &[SocketAddr],
+    resolution: &Resolution,
+    have_creds: bool,
+) -> Plan {
+    let loops = own.iter().any(|o| {
+        o.port() == dst.port()
+            && (o.ip() == dst.ip() || (o.ip().is_unspecified() && dst.ip().is_loopback()))
+    });
+    if loops {
+        return Plan::Refuse(Refusal::loop_detected);
+    }
+    match resolution {
+        Resolution::Meshed(_) if !have_creds => Plan::Refuse(Refusal::no_certificate),
+        Resolution::Meshed(identity) => Plan::Mesh {
+            dst,
+            identity: identity.clone(),
+        },
+        Resolution::NotMeshed => Plan::Passthrough(dst),
+        Resolution::Unknown => Plan::Refuse(Refusal::discovery_unavailable),
+    }
+}
+
+/// The outbound side of the sidecar.
+#[derive(Debug)]
+pub struct Outbound {
+    pub resolver: Arc<Resolver>,
+    pub creds: watch::Receiver<Option<Arc<Creds>>>,
+    pub metrics: Arc<Metrics>,
+    pub own: Vec<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub sniff_timeout: Duration,
+    pub drain: CancellationToken,
+}
+
+impl Outbound {
+    /// Handles one connection from the app to `dst`. `route_identity` is the SPIFFE ID an
+    /// explicit route names (no discovery lookup then).
+    pub async fn handle(
+        self: Arc<Self>,
+        app: TcpStream,
+        dst: SocketAddr,
+        route_identity: Option<SpiffeId>,
+    ) {
+        let resolution = match route_identity {
+            Some(id) => Resolution::Meshed(id),
+            None => self.resolver.resolve(dst).await,
+        };
+        let creds = self
+            .creds
+            .borrow()
+            .clone()
+            .filter(|c| c.valid_at(SystemTime::now()));
+        let plan = decide(dst, &self.own, &resolution, creds.is_some());
+        tracing::debug!(%dst, ?plan, "outbound");
+        match (plan, creds) {
+            (Plan::Refuse(reason), _) => self.metrics.refuse(Direction::outbound, reason),
+            (Plan::Passthrough(dst), _) => match connect(dst, self.connect_timeout).await {
+                Ok(upstream) => relay(app, upstream, self.ctx(false, None)).await,
+                Err(_) => self
+                    .metrics
+                    .refuse(Direction::outbound, Refusal::upstream_unreachable),
+            },
+            (Plan::Mesh { dst, identity }, Some(creds)) => {
+                self.mesh(app, dst, &identity, &creds).await
+            }
+            (Plan::Mesh { .. }, None) => self
+                .metrics
+                .refuse(Direction::outbound, Refusal::no_certificate),
+        }
+    }
+
+    async fn mesh(&self, app: TcpStream, dst: SocketAddr, identity: &SpiffeId, creds: &Creds) {
+        let Ok(tcp) = connect(dst, self.connect_timeout).await else {
+            return self
+                .metrics
+                .refuse(Direction::outbound, Refusal::upstream_unreachable);
+        };
+        let connector = tokio_rustls::TlsConnector::from(creds.client.clone());
+        let handshake = connector.connect(ServerName::IpAddress(dst.ip().into()), tcp);
+        let tls = match tokio::time::timeout(self.handshake_timeout, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                return self.handshake_failed(HandshakeError::of(&e), dst, &e.to_string());
+            }
+            Err(_) => return self.handshake_failed(HandshakeError::timeout, dst, "timed out"),
+        };
+        // The chain was validated in the handshake; now the exact identity discovery expects.
+        let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+        let Some(leaf) = leaf else {
+            return self.handshake_failed(
+                HandshakeError::no_peer_certificate,
+                dst,
+                "no certificate",
+            );
+        };
+        if let Err(e) = Expected::Exact(identity.clone()).check(leaf) {
+            return self.handshake_failed(HandshakeError::wrong_identity, dst, &e.to_string());
+        }
+        relay(app, tls, self.ctx(true, Some(identity.to_string()))).await;
+    }
+
+    fn handshake_failed(&self, reason: HandshakeError, dst: SocketAddr, detail: &str) {
+        tracing::warn!(%dst, ?reason, detail, "mutual TLS to a meshed destination failed; connection refused");
+        self.metrics.handshake_error(Direction::outbound, reason);
+        self.metrics
+            .refuse(Direction::outbound, Refusal::tls_handshake);
+    }
+
+    fn ctx(&self, tls: bool, peer: Option<String>) -> RelayCtx {
+        RelayCtx {
+            metrics: self.metrics.clone(),
+            direction: Direction::outbound,
+            tls,
+            peer,
+            sniff_timeout: self.sniff_timeout,
+            drain: self.drain.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbound_decisions() {
+        let id = SpiffeId::parse("spiffe://td/ns/b/sa/web").expect("valid");
+        let dst: SocketAddr = "10.0.0.2:8080".parse().expect("valid");
+        let own: Vec<SocketAddr> = vec![
+            "0.0.0.0:15001".parse().expect("valid"),
+            "127.0.0.1:7000".parse().expect("valid"),
+        ];
+        let meshed = Resolution::Meshed(id.clone());
+        let mesh = Plan::Mesh {
+            dst,
+            identity: id.clone(),
+        };
+        let cases: Vec<(&str, SocketAddr, Resolution, bool, Plan)> = vec![
+            (
+                "meshed, have a certificate",
+                dst,
+                meshed.clone(),
+                true,
+                mesh,
+            ),
+            (
+                "meshed, no certificate: never fail open",
+                dst,
+                meshed.clone(),
+                false,
+                Plan::Refuse(Refusal::no_certificate),
+            ),
+            (
+                "not meshed: pass through",
+                dst,
+                Resolution::NotMeshed,
+                true,
+                Plan::Passthrough(dst),
+            ),
+            (
+                "not meshed, no certificate: still pass through",
+                dst,
+                Resolution::NotMeshed,
+                false,
+                Plan::Passthrough(dst),
+            ),
+            (
+                "unknown: refuse rather than risk plaintext",
+                dst,
+                Resolution::Unknown,
+                true,
+                Plan::Refuse(Refusal::discovery_unavailable),
+            ),
+            (
+                "to our own capture port on loopback",
+                "127.0.0.1:15001".parse().expect("valid"),
+                Resolution::NotMeshed,
+                true,
+                Plan::Refuse(Refusal::loop_detected),
+            ),
+            (
+                "to our own route listener",
+                "127.0.0.1:7000".parse().expect("valid"),
+                meshed.clone(),
+                true,
+                Plan::Refuse(Refusal::loop_detected),
+            ),
+            (
+                "same port elsewhere is fine",
+                "10.0.0.9:15001".parse().expect("valid"),
+                Resolution::NotMeshed,
+                true,
+                Plan::Passthrough("10.0.0.9:15001".parse().expect("valid")),
+            ),
+        ];
+        for (name, dst, resolution, have_creds, want) in cases {
+            assert_eq!(decide(dst, &own, &resolution, have_creds), want, "{name}");
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Moving bytes once both ends are connected: detect the application protocol, then proxy
+//! HTTP per request (hyper) or copy opaque TCP both ways with half-close.
+//!
+//! Detection races the two ends: whichever speaks first decides. A client that sends an
+//! HTTP request line gets HTTP proxying; a server that speaks first (SMTP, MySQL, ...) makes
+//! the connection opaque at once; if neither speaks within the time box, it is opaque.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::detect::{self, Protocol};
+use crate::http;
+use crate::io::{Counted, Prefixed, sniff};
+use crate::metrics::{ConnRecord, Direction, Metrics};
+
+/// What a relay needs besides the two streams.
+#[derive(Debug, Clone)]
+pub struct RelayCtx {
+    pub metrics: Arc<Metrics>,
+    pub direction: Direction,
+    /// Whether the hop between sidecars is mutual TLS.
+    pub tls: bool,
+    /// The verified SPIFFE ID of the other sidecar, when `tls`.
+    pub peer: Option<String>,
+    pub sniff_timeout: Duration,
+    /// Cancelled when the sidecar drains: HTTP connections finish their requests and close.
+    pub drain: CancellationToken,
+}
+
+/// Relays `down` (the side that connected to us) and `up` (the side we connected to) until
+/// both are done. Only mutual-TLS connections are inspected for HTTP; everything else is
+/// passed through untouched, byte for byte.
+pub async fn relay<D, U>(mut down: D, mut up: U, ctx: RelayCtx)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let record = ConnRecord::new(
+        ctx.metrics.clone(),
+        ctx.direction,
+        ctx.tls,
+        ctx.peer.clone().unwrap_or_default(),
+    );
+    let mut down_buf = BytesMut::new();
+    let mut up_buf = BytesMut::new();
+    let protocol = if ctx.tls {
+        tokio::select! {
+            sniffed = sniff(&mut down, &mut down_buf, ctx.sniff_timeout, detect::MAX_SNIFF, |b| detect::protocol(b).is_some()) => {
+                match sniffed {
+                    Ok(()) => detect::protocol(&down_buf).unwrap_or(Protocol::Opaque),
+                    Err(_) => return,
+                }
+            }
+            // The server spoke first (or closed): not HTTP.
+            _ = up.read_buf(&mut up_buf) => Protocol::Opaque,
+        }
+    } else {
+        Protocol::Opaque
+    };
+    let mut down = Counted::new(Prefixed::new(down_buf, down), record.bytes.clone());
+    let mut up = Prefixed::new(up_buf, up);
+    match protocol {
+        Protocol::Opaque => {
+            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                tracing::debug!(error = %e, "TCP relay ended with an error");
+            }
+        }
+        Protocol::Http1 | Protocol::Http2 => http::proxy(down, up, protocol, &ctx).await,
+    }
+    drop(record);
+}
+
+/// Connects to `dst` within `timeout`, with Nagle off.
+pub async fn connect(dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

@@ -1,0 +1,292 @@
+//! A mesh in one process: the real control plane, real sidecars in explicit mode and small
+//! apps, all on loopback with port 0. Each piece stops when its handle says so.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use meshlet_control::token::LocalSigner;
+use meshlet_identity::TrustDomain;
+use meshlet_proxy::inbound::InboundMode;
+use meshlet_proxy::{Config, Listeners, Route};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+pub struct ControlPlane {
+    pub running: Option<meshlet_control::Running>,
+    stop: Option<oneshot::Sender<()>>,
+    pub dir: tempfile::TempDir,
+    pub bundle_file: PathBuf,
+}
+
+impl ControlPlane {
+    pub async fn start(cert_ttl: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::parse("cluster.local").unwrap();
+        let config = meshlet_control::Config::local(dir.path().to_owned(), td, cert_ttl).unwrap();
+        let listeners = meshlet_control::Listeners::bind(config.grpc_addr, config.admin_addr)
+            .await
+            .unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = meshlet_control::run(config, listeners, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+        let bundle_file = dir.path().join("bundle.pem");
+        std::fs::write(&bundle_file, &running.trust_bundle_pem).unwrap();
+        Self {
+            running: Some(running),
+            stop: Some(stop),
+            dir,
+            bundle_file,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.running.as_ref().unwrap().grpc_addr
+    }
+
+    /// Writes a token for `ns`/`sa` into a file and returns its path.
+    pub fn token_file(&self, ns: &str, sa: &str) -> PathBuf {
+        let signer = LocalSigner::load_or_create(self.dir.path()).unwrap();
+        let token = signer
+            .mint(ns, sa, Some(&format!("{sa}-0")), Duration::from_secs(3600))
+            .unwrap();
+        let path = self.dir.path().join(format!("{ns}-{sa}.token"));
+        std::fs::write(&path, token).unwrap();
+        path
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+            self.running.take().unwrap().wait().await.unwrap();
+        }
+    }
+}
+
+/// A sidecar configuration for explicit mode on loopback.
+pub fn sidecar_config(cp: &ControlPlane, token_file: PathBuf) -> Config {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    Config {
+        control_addr: cp.addr().to_string(),
+        control_identity: cp.running.as_ref().unwrap().identity.clone(),
+        token_file,
+        trust_bundle: cp.bundle_file.clone(),
+        pod_ip: None,
+        admin_addr: any,
+        inbound_addr: any,
+        outbound_addr: any,
+        inbound_mode: InboundMode::Permissive,
+        routes: vec![],
+        app_addr: None,
+        drain_timeout: Duration::from_secs(5),
+        sniff_timeout: Duration::from_millis(300),
+        discovery_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
+pub struct Sidecar {
+    pub running: Option<meshlet_proxy::Running>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Sidecar {
+    pub async fn start(config: Config) -> Self {
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = meshlet_proxy::run(config, listeners, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+        Self {
+            running: Some(running),
+            stop: Some(stop),
+        }
+    }
+
+    /// Starts and waits for the first certificate (at most 10 s).
+    pub async fn start_ready(config: Config) -> Self {
+        let s = Self::start(config).await;
+        tokio::time::timeout(Duration::from_secs(10), s.r().ready())
+            .await
+            .expect("a certificate within 10 s");
+        s
+    }
+
+    pub fn r(&self) -> &meshlet_proxy::Running {
+        self.running.as_ref().unwrap()
+    }
+
+    pub fn route(&self, i: usize) -> SocketAddr {
+        self.r().route_addrs[i]
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.r().admin_addr, "/metrics").await.1
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+            tokio::time::timeout(Duration::from_secs(10), self.running.take().unwrap().wait())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+pub fn route(upstream: SocketAddr, identity: Option<&str>) -> Route {
+    Route {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream,
+        identity: identity.map(|i| i.parse().unwrap()),
+    }
+}
+
+/// An HTTP app answering `<name> <method> <path>` (and the request body) to every request.
+pub async fn http_app(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let head = format!("{name} {} {}", req.method(), req.uri().path());
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let mut out = head.into_bytes();
+                        if !body.is_empty() {
+                            out.extend_from_slice(b" ");
+                            out.extend_from_slice(&body);
+                        }
+                        Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from(out))))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP app that echoes everything until the client half-closes, then closes.
+pub async fn echo_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP app that speaks first: it greets, then echoes.
+pub async fn greeting_app(greeting: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = tcp.write_all(greeting).await;
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `payload`, half-closes, and reads everything back.
+pub async fn echo_round_trip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = tcp.split();
+    let write = async {
+        w.write_all(payload).await?;
+        w.shutdown().await
+    };
+    let mut back = Vec::new();
+    let read = r.read_to_end(&mut back);
+    let (wrote, read) =
+        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(write, read) })
+            .await
+            .map_err(|_| std::io::Error::other("timed out"))?;
+    wrote?;
+    read?;
+    Ok(back)
+}
+
+/// GETs `path` over a fresh HTTP/1.1 connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut client = HttpClient::connect(addr).await.unwrap();
+    client.get(path).await.unwrap()
+}
+
+/// An HTTP/1.1 client keeping one connection open.
+pub struct HttpClient {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl HttpClient {
+    pub async fn connect(
+        addr: SocketAddr,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let tcp = TcpStream::connect(addr).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        Ok(Self { sender })
+    }
+
+    pub async fn get(
+        &mut self,
+        path: &str,
+    ) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
+        self.request("GET", path, Bytes::new()).await
+    }
+
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "app")
+            .body(Full::new(body))?;
+        self.sender.ready().await?;
+        let resp =
+            tokio::time::timeout(Duration::from_secs(10), self.sender.send_request(req)).await??;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+/// The value of the first metric line starting with `prefix` (0 when absent).
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(prefix)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,332 @@
+//! The mesh end to end in one process (explicit mode, loopback, port 0): HTTP and TCP
+//! through two sidecars over mutual TLS, passthrough, strict mode, identity checks, fail
+//! closed without a certificate, server-first protocols, and drain.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use meshlet_proxy::inbound::InboundMode;
+
+/// Client sidecar A (demo/client) routes to server sidecar B (demo/server) in front of `app`.
+async fn pair(
+    cp: &ControlPlane,
+    app: std::net::SocketAddr,
+    b_mode: InboundMode,
+    route_identity: Option<&str>,
+) -> (Sidecar, Sidecar) {
+    let mut b = sidecar_config(cp, cp.token_file("demo", "server"));
+    b.app_addr = Some(app);
+    b.inbound_mode = b_mode;
+    let b = Sidecar::start_ready(b).await;
+    let mut a = sidecar_config(cp, cp.token_file("demo", "client"));
+    a.routes = vec![route(b.r().inbound_addr, route_identity)];
+    let a = Sidecar::start_ready(a).await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn http_crosses_the_mesh_with_mutual_tls_and_keep_alive() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let app = http_app("web").await;
+    let (mut a, mut b) = pair(&cp, app, InboundMode::Strict, None).await;
+
+    let mut client = HttpClient::connect(a.route(0)).await.unwrap();
+    for i in 0..5 {
+        let (status, body) = client.get(&format!("/hello/{i}")).await.unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, format!("web GET /hello/{i}").as_str())
+        );
+    }
+    let (status, body) = client
+        .request("POST", "/echo", Bytes::from_static(b"payload"))
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "web POST /echo payload"));
+
+    let a_metrics = a.metrics().await;
+    let b_metrics = b.metrics().await;
+    let out = r#"meshlet_requests_total{direction="outbound",status_code="200",tls="true"}"#;
+    let inb = r#"meshlet_requests_total{direction="inbound",status_code="200",tls="true"}"#;
+    assert_eq!(metric(&a_metrics, out), 6.0, "{a_metrics}");
+    assert_eq!(metric(&b_metrics, inb), 6.0, "{b_metrics}");
+    // Six requests, one connection each side: keep-alive held on both hops.
+    assert_eq!(
+        metric(
+            &a_metrics,
+            r#"meshlet_tcp_connections_total{direction="outbound",tls="true"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &b_metrics,
+            r#"meshlet_tcp_connections_total{direction="inbound",tls="true"}"#
+        ),
+        1.0
+    );
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn tcp_is_copied_byte_for_byte_with_half_close() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let app = echo_app().await;
+    let (mut a, mut b) = pair(&cp, app, InboundMode::Strict, None).await;
+    let payload: Vec<u8> = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let back = echo_round_trip(a.route(0), &payload).await.unwrap();
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload, "the echoed bytes differ");
+    let b_metrics = b.metrics().await;
+    assert_eq!(
+        metric(
+            &b_metrics,
+            r#"meshlet_tcp_connections_total{direction="inbound",tls="true"}"#
+        ),
+        1.0
+    );
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_that_speaks_first_is_not_held_by_detection() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let app = greeting_app(b"220 smtp ready\r\n").await;
+    let mut b = sidecar_config(&cp, cp.token_file("demo", "smtp"));
+    b.app_addr = Some(app);
+    // A detection time box far longer than the test waits: only the race can pass.
+    b.sniff_timeout = Duration::from_secs(60);
+    let mut b = Sidecar::start_ready(b).await;
+    let mut a = sidecar_config(&cp, cp.token_file("demo", "client"));
+    a.routes = vec![route(b.r().inbound_addr, None)];
+    a.sniff_timeout = Duration::from_secs(60);
+    let mut a = Sidecar::start_ready(a).await;
+
+    let mut tcp = tokio::net::TcpStream::connect(a.route(0)).await.unwrap();
+    let mut greeting = [0u8; 16];
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut greeting),
+    )
+    .await
+    .expect("the greeting arrives without the client speaking")
+    .unwrap();
+    assert_eq!(&greeting, b"220 smtp ready\r\n");
+    drop(tcp);
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn strict_mode_refuses_plaintext_and_permissive_passes_it() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let app = echo_app().await;
+    let mut strict = sidecar_config(&cp, cp.token_file("demo", "strict"));
+    strict.app_addr = Some(app);
+    strict.inbound_mode = InboundMode::Strict;
+    let mut strict = Sidecar::start_ready(strict).await;
+    let mut permissive = sidecar_config(&cp, cp.token_file("demo", "permissive"));
+    permissive.app_addr = Some(app);
+    let mut permissive = Sidecar::start_ready(permissive).await;
+
+    let refused = echo_round_trip(strict.r().inbound_addr, b"plain hello").await;
+    assert!(
+        refused.map(|b| b.is_empty()).unwrap_or(true),
+        "strict mode let plaintext through"
+    );
+    let m = strict.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_connections_refused_total{direction="inbound",reason="plaintext_in_strict_mode"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+
+    let back = echo_round_trip(permissive.r().inbound_addr, b"plain hello")
+        .await
+        .unwrap();
+    assert_eq!(back, b"plain hello");
+    let m = permissive.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_tcp_connections_total{direction="inbound",tls="false"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    strict.stop().await;
+    permissive.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_with_another_identity_is_refused() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let app = echo_app().await;
+    let (mut a, mut b) = pair(
+        &cp,
+        app,
+        InboundMode::Strict,
+        Some("spiffe://cluster.local/ns/demo/sa/not-the-server"),
+    )
+    .await;
+    let result = echo_round_trip(a.route(0), b"secret").await;
+    assert!(
+        result.map(|b| b.is_empty()).unwrap_or(true),
+        "data reached a server with the wrong identity"
+    );
+    let m = a.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_tls_handshake_errors_total{direction="outbound",reason="wrong_identity"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn undiscovered_destinations_pass_through_and_meshed_ones_do_not() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let plain_app = echo_app().await;
+    let app = echo_app().await;
+    let mut b = sidecar_config(&cp, cp.token_file("demo", "server"));
+    b.app_addr = Some(app);
+    b.inbound_mode = InboundMode::Strict;
+    let mut b = Sidecar::start_ready(b).await;
+    let mut a = sidecar_config(&cp, cp.token_file("demo", "client"));
+    // Neither route names an identity: discovery decides.
+    a.routes = vec![route(plain_app, None), route(b.r().inbound_addr, None)];
+    let mut a = Sidecar::start_ready(a).await;
+
+    assert_eq!(
+        echo_round_trip(a.route(0), b"to a plain app")
+            .await
+            .unwrap(),
+        b"to a plain app"
+    );
+    // B is strict: this only works because discovery made A use mutual TLS.
+    assert_eq!(
+        echo_round_trip(a.route(1), b"to a meshed app")
+            .await
+            .unwrap(),
+        b"to a meshed app"
+    );
+    let m = a.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_tcp_connections_total{direction="outbound",tls="false"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_tcp_connections_total{direction="outbound",tls="true"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_certificate_nothing_is_meshed() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let app = echo_app().await;
+    let mut b = sidecar_config(&cp, cp.token_file("demo", "server"));
+    b.app_addr = Some(app);
+    let mut b = Sidecar::start_ready(b).await;
+    // A's token is junk: it never gets a certificate.
+    let junk = cp.dir.path().join("junk.token");
+    std::fs::write(&junk, "not-a-token").unwrap();
+    let mut a = sidecar_config(&cp, junk);
+    a.routes = vec![route(
+        b.r().inbound_addr,
+        Some("spiffe://cluster.local/ns/demo/sa/server"),
+    )];
+    let mut a = Sidecar::start(a).await;
+
+    let (status, body) = http_get(a.r().admin_addr, "/ready").await;
+    assert_eq!(status, 503, "{body}");
+    let result = echo_round_trip(a.route(0), b"hello").await;
+    assert!(
+        result.map(|b| b.is_empty()).unwrap_or(true),
+        "traffic went out without a certificate"
+    );
+    let m = a.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_connections_refused_total{direction="outbound",reason="no_certificate"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    let (_, certs) = http_get(a.r().admin_addr, "/certs").await;
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert!(certs["spiffe_id"].is_null());
+    assert!(
+        certs["last_error"].as_str().unwrap().contains("refused"),
+        "{certs}"
+    );
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn drain_lets_an_in_flight_connection_finish() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let app = echo_app().await;
+    let (mut a, mut b) = pair(&cp, app, InboundMode::Strict, None).await;
+    let mut tcp = tokio::net::TcpStream::connect(a.route(0)).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"before ")
+        .await
+        .unwrap();
+    // Let the first bytes cross, then start draining A while the connection is open.
+    let mut first = [0u8; 7];
+    tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut first)
+        .await
+        .unwrap();
+    let stop_a = tokio::spawn(async move {
+        a.stop().await;
+    });
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"after")
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::shutdown(&mut tcp).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut rest)
+        .await
+        .unwrap();
+    assert_eq!(
+        (&first[..], rest.as_slice()),
+        (&b"before "[..], &b"after"[..])
+    );
+    stop_a.await.unwrap();
+    b.stop().await;
+    cp.stop().await;
+}
