@@ -1,11 +1,13 @@
-//! `meshletctl demo`: the identity round trip on loopback, checked step by step.
+//! `meshletctl demo`: a whole mesh on loopback, every step checked.
 //!
-//! It starts a control plane in this process (CA in a fresh folder unless `--data-dir`),
-//! mints a workload token, makes a key and a CSR, calls `Identity/Certify` over TLS
-//! (verifying the control plane by its SPIFFE ID), and checks what came back. It exits
-//! non-zero naming the first check that failed.
+//! In this process: a control plane (CA in a fresh folder unless `--data-dir`), two apps
+//! (HTTP "orders", TCP echo "ledger") each behind a server sidecar in strict mode, and a
+//! client sidecar ("frontend") whose routes lead to them; discovery tells it they are
+//! meshed. HTTP and TCP cross the mesh; the demo prints what each side verified and exits
+//! non-zero naming the first check that failed. `--netns` does the same with real capture
+//! in network namespaces (see [`crate::netns`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,28 +15,38 @@ use anyhow::{Context, bail, ensure};
 use meshlet_control::token::LocalSigner;
 use meshlet_control::{Config, Listeners};
 use meshlet_identity::csr::build_csr;
-use meshlet_identity::{Expected, SpiffeId, TrustDomain, cert, tls};
+use meshlet_identity::{Expected, SpiffeId, TrustDomain, tls};
 use meshlet_proto::identity::v1::CertifyRequest;
 use meshlet_proto::identity::v1::identity_client::IdentityClient;
-use rustls::client::danger::ServerCertVerifier;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use time::OffsetDateTime;
+use meshlet_proxy::inbound::InboundMode;
+use meshlet_proxy::metrics::{ConnEvent, Direction};
+use rustls::pki_types::CertificateDer;
+use tokio::net::TcpListener;
+
+use crate::apps;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoArgs {
     /// Keep the CA here (reused on the next run); default: a fresh temporary folder.
     #[arg(long, env = "MESHLET_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Write the issued certificate chain (PEM, no key) to this folder, for inspection
-    /// with e.g. `openssl x509 -text`.
+    /// Write an issued certificate chain (PEM, no key) and the trust bundle to this folder,
+    /// for inspection with e.g. `openssl x509 -text`.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Certificate lifetime.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
+    /// Run the mesh in network namespaces with real iptables capture (needs root,
+    /// iproute2 and iptables; the meshlet-control and meshlet-proxy binaries beside this one).
+    #[arg(long)]
+    netns: bool,
 }
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.netns {
+        return crate::netns::run().await;
+    }
     let temp = tempfile::tempdir().context("creating a temporary folder")?;
     let data_dir = args
         .data_dir
@@ -49,16 +61,20 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     })
     .await?;
 
-    println!("meshlet demo: identity round trip on loopback\n");
-    println!("control plane");
+    println!("meshlet demo: a mesh on loopback (explicit mode, no root needed)\n");
     println!(
-        "  gRPC (TLS)   {}  presents {}",
+        "control plane  gRPC {} (TLS, presents {})",
         control.grpc_addr, control.identity
     );
-    println!("  admin        http://{}/v1/certs", control.admin_addr);
-    println!("  CA folder    {}", data_dir.join("ca").display());
-
-    let result = round_trip(&args, &control, &data_dir, &td).await;
+    println!(
+        "               admin http://{}/v1/certs",
+        control.admin_addr
+    );
+    let result = async {
+        identity_checks(&args, &control, &data_dir, &td).await?;
+        mesh(&control, &data_dir).await
+    }
+    .await;
     let _ = stop.send(());
     control.wait().await?;
     match &result {
@@ -68,19 +84,25 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn round_trip(
+pub(crate) fn check(what: &str, ok: bool) -> anyhow::Result<()> {
+    ensure!(ok, "check failed: {what}");
+    println!("  [ok] {what}");
+    Ok(())
+}
+
+/// The CA directly: a certificate for a workload, and a CSR for another identity refused.
+async fn identity_checks(
     args: &DemoArgs,
     control: &meshlet_control::Running,
-    data_dir: &std::path::Path,
+    data_dir: &Path,
     td: &TrustDomain,
 ) -> anyhow::Result<()> {
     let bundle: Vec<CertificateDer<'static>> =
         rustls::pki_types::pem::PemObject::pem_slice_iter(control.trust_bundle_pem.as_bytes())
             .collect::<Result<_, _>>()
             .context("reading the trust bundle")?;
-    let roots = tls::root_store(&bundle)?;
     let grpc_tls = tls::client_config(
-        roots.clone(),
+        tls::root_store(&bundle)?,
         Expected::Exact(control.identity.clone()),
         None,
         &[meshlet_proto::connect::GRPC_ALPN],
@@ -89,114 +111,54 @@ async fn round_trip(
         &control.grpc_addr.to_string(),
         Arc::new(grpc_tls),
     )?);
-
     let signer = LocalSigner::load_or_create(data_dir)?;
-    let (ns, sa) = ("demo", "web");
-    let token = signer.mint(ns, sa, Some("web-0"), Duration::from_secs(600))?;
-    let want = SpiffeId::for_service_account(td, ns, sa)?;
-    println!("\nworkload {ns}/{sa} (pod web-0)");
-    println!("  token        minted with the local signing key, audience \"meshlet\"");
+    let token = signer.mint("demo", "batch", Some("batch-0"), Duration::from_secs(600))?;
+    let want = SpiffeId::for_service_account(td, "demo", "batch")?;
 
+    println!("\n1. the CA, called directly");
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = build_csr(&key, None)?;
-    println!(
-        "  key + CSR    ECDSA P-256, made in memory ({} byte CSR)",
-        csr.len()
-    );
     let response = client
         .certify(CertifyRequest {
-            csr,
+            csr: build_csr(&key, None)?,
             token: token.clone(),
-            pod_ip: "127.0.0.1".into(),
+            pod_ip: String::new(),
         })
         .await
         .context("Certify over TLS")?
         .into_inner();
-    check(
-        "the control plane's TLS certificate carried its SPIFFE ID",
-        true,
-    )?;
-
     let chain: Vec<CertificateDer<'static>> = response
         .certificate_chain
         .iter()
         .map(|c| CertificateDer::from(c.clone()))
         .collect();
-    let leaf = chain.first().context("the response has no certificate")?;
-    let summary = cert::summarize(leaf)?;
-    println!(
-        "  certificate  {}",
-        summary
-            .spiffe_id
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default()
-    );
-    println!("               serial {}", summary.serial);
-    println!(
-        "               valid {} .. {}",
-        rfc3339(summary.not_before),
-        rfc3339(summary.not_after)
-    );
-    check(
-        &format!("the certificate names {want}"),
-        summary.spiffe_id.as_ref() == Some(&want),
+    let leaf = meshlet_identity::cert::summarize(
+        chain.first().context("no certificate in the response")?,
     )?;
     check(
-        "expires_at_unix matches the certificate",
-        response.expires_at_unix == summary.not_after.unix_timestamp(),
+        &format!("a token for demo/batch got {want}, serial {}", leaf.serial),
+        leaf.spiffe_id.as_ref() == Some(&want),
     )?;
-    let verifier = meshlet_identity::verify::SpiffeServerVerifier::new(
-        roots,
-        Expected::Exact(want.clone()),
-        &tls::provider(),
-    );
-    let name = ServerName::try_from("demo.invalid")?;
-    let verified = verifier.verify_server_cert(leaf, &chain[1..], &name, &[], UnixTime::now());
-    check(
-        "the chain verifies against the trust bundle (rustls-webpki) with the X509-SVID rules",
-        verified.is_ok(),
-    )?;
-    check(
-        "the trust bundle in the response is the CA's",
-        response
-            .trust_bundle
-            .iter()
-            .map(|c| &c[..])
-            .eq(bundle.iter().map(|c| &c[..])),
-    )?;
-
-    // The identity comes from the token, never from the CSR.
-    let other = SpiffeId::for_service_account(td, ns, "admin")?;
+    let other = SpiffeId::for_service_account(td, "demo", "admin")?;
     let sneaky = build_csr(
         &rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
         Some(&other),
     )?;
-    let refused = client
+    match client
         .certify(CertifyRequest {
             csr: sneaky,
             token,
             pod_ip: String::new(),
         })
-        .await;
-    match refused {
+        .await
+    {
         Err(status) if status.code() == tonic::Code::PermissionDenied => {
             check(
-                &format!("a CSR asking for {other} is refused: {}", status.message()),
+                &format!("a CSR asking for {other} with that token is refused"),
                 true,
             )?;
         }
         other => bail!("a CSR for another identity was not refused: {other:?}"),
     }
-
-    let certs = http_get(control.admin_addr, "/v1/certs").await?;
-    let listed = certs.contains(want.as_str()) && certs.contains("\"state\":\"valid\"");
-    println!("\nadmin API /v1/certs\n  {certs}");
-    check(
-        "the control plane lists the workload's certificate as valid",
-        listed,
-    )?;
-
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)?;
         let pem: String = chain
@@ -206,39 +168,205 @@ async fn round_trip(
         std::fs::write(out.join("svid.pem"), pem)?;
         std::fs::write(out.join("bundle.pem"), &control.trust_bundle_pem)?;
         println!(
-            "\nwrote {} and bundle.pem (certificates only; the key stayed in memory)",
+            "  wrote {} and bundle.pem (certificates only; the key stayed in memory)",
             out.join("svid.pem").display()
         );
     }
     Ok(())
 }
 
-fn check(what: &str, ok: bool) -> anyhow::Result<()> {
-    ensure!(ok, "check failed: {what}");
-    println!("  [ok] {what}");
+/// Starts a sidecar for `ns`/`sa` in explicit mode and waits for its certificate.
+async fn sidecar(
+    control: &meshlet_control::Running,
+    data_dir: &Path,
+    sa: &str,
+    app: Option<std::net::SocketAddr>,
+    routes: Vec<meshlet_proxy::Route>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<meshlet_proxy::Running> {
+    let signer = LocalSigner::load_or_create(data_dir)?;
+    let token_file = data_dir.join(format!("{sa}.token"));
+    std::fs::write(
+        &token_file,
+        signer.mint(
+            "demo",
+            sa,
+            Some(&format!("{sa}-0")),
+            Duration::from_secs(3600),
+        )?,
+    )?;
+    let bundle_file = data_dir.join("trust-bundle.pem");
+    std::fs::write(&bundle_file, &control.trust_bundle_pem)?;
+    let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().expect("a valid constant address");
+    let config = meshlet_proxy::Config {
+        control_addr: control.grpc_addr.to_string(),
+        control_identity: control.identity.clone(),
+        token_file,
+        trust_bundle: bundle_file,
+        pod_ip: None,
+        admin_addr: loopback,
+        inbound_addr: loopback,
+        outbound_addr: loopback,
+        inbound_mode: InboundMode::Strict,
+        routes,
+        app_addr: app,
+        drain_timeout: Duration::from_secs(5),
+        sniff_timeout: Duration::from_millis(300),
+        discovery_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(5),
+    };
+    let listeners = meshlet_proxy::Listeners::bind(&config).await?;
+    let stop = stop.clone();
+    let running =
+        meshlet_proxy::run(config, listeners, async move { stop.cancelled().await }).await?;
+    tokio::time::timeout(Duration::from_secs(10), running.ready())
+        .await
+        .with_context(|| format!("the {sa} sidecar got no certificate within 10 s"))?;
+    Ok(running)
+}
+
+async fn mesh(control: &meshlet_control::Running, data_dir: &Path) -> anyhow::Result<()> {
+    println!("\n2. two apps and three sidecars (servers strict: mutual TLS only)");
+    let orders_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let ledger_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let (orders_app, ledger_app) = (orders_listener.local_addr()?, ledger_listener.local_addr()?);
+    tokio::spawn(apps::serve_http(orders_listener, "orders"));
+    tokio::spawn(apps::serve_echo(ledger_listener));
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let result = async {
+        let orders = sidecar(control, data_dir, "orders", Some(orders_app), vec![], &stop).await?;
+        let ledger = sidecar(control, data_dir, "ledger", Some(ledger_app), vec![], &stop).await?;
+        let routes = vec![route(orders.inbound_addr)?, route(ledger.inbound_addr)?];
+        let frontend = sidecar(control, data_dir, "frontend", None, routes, &stop).await?;
+        for (name, s) in [("frontend", &frontend), ("orders", &orders), ("ledger", &ledger)] {
+            let certs: serde_json::Value = serde_json::from_str(&admin_get(s.admin_addr, "/certs").await?)?;
+            println!(
+                "  {name:<9} {}  expires {}  renews {}",
+                certs["spiffe_id"].as_str().unwrap_or("?"),
+                certs["not_after"].as_str().unwrap_or("?"),
+                certs["renew_at"].as_str().unwrap_or("?")
+            );
+        }
+        println!("  apps: orders (HTTP) {orders_app}, ledger (TCP echo) {ledger_app}; frontend routes {} and {}", frontend.route_addrs[0], frontend.route_addrs[1]);
+        traffic(&frontend, &orders, &ledger).await
+    }
+    .await;
+    stop.cancel();
+    result
+}
+
+fn route(upstream: std::net::SocketAddr) -> anyhow::Result<meshlet_proxy::Route> {
+    // No identity in the route: discovery says the upstream is meshed, and as whom.
+    format!("127.0.0.1:0={upstream}")
+        .parse::<meshlet_proxy::Route>()
+        .map_err(anyhow::Error::msg)
+}
+
+async fn traffic(
+    frontend: &meshlet_proxy::Running,
+    orders: &meshlet_proxy::Running,
+    ledger: &meshlet_proxy::Running,
+) -> anyhow::Result<()> {
+    let mut frontend_events = frontend.events();
+    let mut orders_events = orders.events();
+    let mut ledger_events = ledger.events();
+
+    println!("\n3. HTTP: frontend app -> frontend sidecar =mTLS=> orders sidecar -> orders app");
+    let mut client = apps::HttpClient::connect(frontend.route_addrs[0]).await?;
+    for path in ["/orders/1", "/orders/2", "/health"] {
+        let (status, body) = client.get(path).await?;
+        println!("  GET {path} -> {status} {body:?}");
+        check(
+            &format!("GET {path} answered by the orders app"),
+            status == 200 && body == format!("orders: GET {path}"),
+        )?;
+    }
+    drop(client);
+
+    println!("\n4. TCP: 256 KiB through frontend =mTLS=> ledger, echoed back");
+    let payload: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let back = apps::echo(frontend.route_addrs[1], &payload).await?;
+    check(
+        "every byte came back, in order, after a half-close",
+        back == payload,
+    )?;
+
+    println!("\n5. what each side verified");
+    let out_http = next_tls(&mut frontend_events, "http1").await?;
+    let out_tcp = next_tls(&mut frontend_events, "opaque").await?;
+    let in_http = next_tls(&mut orders_events, "http1").await?;
+    let in_tcp = next_tls(&mut ledger_events, "opaque").await?;
+    for (who, e) in [
+        ("frontend -> orders", &out_http),
+        ("frontend -> ledger", &out_tcp),
+        ("orders <- frontend", &in_http),
+        ("ledger <- frontend", &in_tcp),
+    ] {
+        let tls = e.tls.as_ref().context("a mesh connection without TLS")?;
+        println!(
+            "  {who}: peer {} | {} | key exchange {} | {} | {} bytes",
+            tls.peer, tls.version, tls.key_exchange, e.protocol, e.bytes
+        );
+    }
+    let peer = |e: &ConnEvent| e.tls.as_ref().map(|t| t.peer.clone()).unwrap_or_default();
+    check(
+        "frontend verified orders as spiffe://cluster.local/ns/demo/sa/orders",
+        peer(&out_http) == "spiffe://cluster.local/ns/demo/sa/orders",
+    )?;
+    check(
+        "frontend verified ledger as spiffe://cluster.local/ns/demo/sa/ledger",
+        peer(&out_tcp) == "spiffe://cluster.local/ns/demo/sa/ledger",
+    )?;
+    check(
+        "orders and ledger verified the client as spiffe://cluster.local/ns/demo/sa/frontend",
+        peer(&in_http) == "spiffe://cluster.local/ns/demo/sa/frontend"
+            && peer(&in_tcp) == peer(&in_http),
+    )?;
+    let all_tls13 = [&out_http, &out_tcp, &in_http, &in_tcp]
+        .iter()
+        .all(|e| e.tls.as_ref().is_some_and(|t| t.version == "TLSv1_3"));
+    check("every hop between sidecars was TLS 1.3", all_tls13)?;
+
+    println!("\n6. what must not work");
+    let plain = apps::echo(orders.inbound_addr, b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap_or_default();
+    check(
+        "a plaintext client talking straight to the orders sidecar gets nothing (strict mode)",
+        plain.is_empty(),
+    )?;
     Ok(())
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
+/// The next finished mesh connection of `protocol` on this sidecar (within 5 s).
+async fn next_tls(
+    events: &mut tokio::sync::broadcast::Receiver<ConnEvent>,
+    protocol: &str,
+) -> anyhow::Result<ConnEvent> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match events.recv().await {
+                Ok(e)
+                    if e.tls.is_some()
+                        && e.protocol == protocol
+                        && matches!(e.direction, Direction::inbound | Direction::outbound) =>
+                {
+                    return Ok(e);
+                }
+                Ok(_) => continue,
+                Err(e) => bail!("connection events: {e}"),
+            }
+        }
+    })
+    .await
+    .with_context(|| format!("no {protocol} mesh connection finished within 5 s"))?
 }
 
-/// A minimal HTTP/1.0 GET to the admin API on loopback.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: meshlet\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8(buf)?;
-    match text.split_once("\r\n\r\n") {
-        Some((head, body))
-            if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") =>
-        {
-            Ok(body.to_owned())
-        }
-        _ => bail!("GET {path}: unexpected answer {text:?}"),
-    }
+/// A GET to an admin API on loopback; the body when the answer is 200.
+pub(crate) async fn admin_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut client = apps::HttpClient::connect(addr).await?;
+    let (status, body) = client.get(path).await?;
+    ensure!(status == 200, "GET {path}: {status} {body}");
+    Ok(body)
 }

@@ -1,9 +1,12 @@
 //! `meshletctl`: the mesh's command line.
 //!
-//! - `demo`: a local mesh round trip that needs no cluster (see [`demo`]).
+//! - `demo`: a local mesh that needs no cluster ([`demo`]); `--netns` with real capture
+//!   ([`netns`]). [`apps`]: the plain apps behind the demo's sidecars.
 //! - `token`: mints a development workload token with the control plane's local key.
 
+mod apps;
 mod demo;
+mod netns;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,6 +32,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Mint a workload token with the local signing key of a control plane's data dir.
     Token(TokenArgs),
+    /// The demo's plain apps and clients (used inside the --netns demo's namespaces).
+    #[command(subcommand, hide = true)]
+    DemoApp(netns::DemoApp),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args).await,
+        Command::DemoApp(cmd) => netns::demo_app(cmd).await,
         Command::Token(args) => {
             let signer = LocalSigner::load_or_create(&args.data_dir)?;
             let token = signer.mint(

@@ -165,7 +165,7 @@ async fn forward(
         .get_or_create(&RequestLabels {
             direction,
             status_code: response.status().as_u16(),
-            tls: ctx.tls,
+            tls: ctx.tls.is_some(),
         })
         .inc();
     ctx.metrics

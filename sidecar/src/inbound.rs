@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::detect::{self, Hello};
 use crate::identity::Creds;
 use crate::io::{Prefixed, sniff};
-use crate::metrics::{Direction, HandshakeError, Metrics, Refusal};
+use crate::metrics::{ConnEvent, Direction, HandshakeError, Metrics, Refusal, TlsInfo};
 use crate::relay::{RelayCtx, connect, relay};
 
 /// What inbound accepts besides mutual TLS.
@@ -94,6 +94,7 @@ pub fn decide(
 pub struct Inbound {
     pub creds: watch::Receiver<Option<Arc<Creds>>>,
     pub metrics: Arc<Metrics>,
+    pub events: tokio::sync::broadcast::Sender<ConnEvent>,
     pub mode: InboundMode,
     /// Explicit mode: where the app listens. Transparent mode: None (the original
     /// destination is the app).
@@ -134,7 +135,7 @@ impl Inbound {
         match (plan, creds) {
             (Plan::Refuse(reason), _) => self.metrics.refuse(Direction::inbound, reason),
             (Plan::Passthrough(app), _) => match connect(app, self.connect_timeout).await {
-                Ok(upstream) => relay(conn, upstream, self.ctx(false, None)).await,
+                Ok(upstream) => relay(conn, upstream, self.ctx(None)).await,
                 Err(_) => self
                     .metrics
                     .refuse(Direction::inbound, Refusal::upstream_unreachable),
@@ -168,7 +169,8 @@ impl Inbound {
                 .metrics
                 .refuse(Direction::inbound, Refusal::upstream_unreachable);
         };
-        relay(tls, upstream, self.ctx(true, Some(peer.to_string()))).await;
+        let info = TlsInfo::of(tls.get_ref().1, peer.to_string());
+        relay(tls, upstream, self.ctx(Some(info))).await;
     }
 
     fn handshake_failed(&self, reason: HandshakeError, detail: &str) {
@@ -182,12 +184,12 @@ impl Inbound {
             .refuse(Direction::inbound, Refusal::tls_handshake);
     }
 
-    fn ctx(&self, tls: bool, peer: Option<String>) -> RelayCtx {
+    fn ctx(&self, tls: Option<TlsInfo>) -> RelayCtx {
         RelayCtx {
             metrics: self.metrics.clone(),
+            events: self.events.clone(),
             direction: Direction::inbound,
             tls,
-            peer,
             sniff_timeout: self.sniff_timeout,
             drain: self.drain.clone(),
         }

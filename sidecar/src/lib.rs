@@ -95,6 +95,7 @@ pub struct Running {
     pub outbound_addr: SocketAddr,
     pub route_addrs: Vec<SocketAddr>,
     pub metrics: Arc<Metrics>,
+    events: tokio::sync::broadcast::Sender<metrics::ConnEvent>,
     creds: watch::Receiver<Option<Arc<Creds>>>,
     stopped: tokio::task::JoinHandle<()>,
 }
@@ -104,6 +105,16 @@ impl Running {
     pub async fn ready(&self) {
         let mut creds = self.creds.clone();
         let _ = creds.wait_for(Option::is_some).await;
+    }
+
+    /// Every connection that ends from now on, with what was verified on its TLS hop.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<metrics::ConnEvent> {
+        self.events.subscribe()
+    }
+
+    /// The sidecar's certificate and TLS configurations, once it has one.
+    pub fn creds(&self) -> Option<Arc<Creds>> {
+        self.creds.borrow().clone()
     }
 
     /// Waits until shutdown and draining are complete.
@@ -161,6 +172,7 @@ pub async fn run(
     let draining = CancellationToken::new();
     let background = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
+    let (events, _) = tokio::sync::broadcast::channel(256);
     let (creds_tx, creds) = watch::channel(None);
     let status = Arc::new(ArcSwap::from_pointee(CertStatus::default()));
     let (bundle_tx, bundle_rx) = watch::channel(bundle);
@@ -190,6 +202,7 @@ pub async fn run(
         resolver,
         creds: creds.clone(),
         metrics: metrics.clone(),
+        events: events.clone(),
         own: own.clone(),
         connect_timeout: config.connect_timeout,
         handshake_timeout: config.connect_timeout,
@@ -199,6 +212,7 @@ pub async fn run(
     let inbound = Arc::new(Inbound {
         creds: creds.clone(),
         metrics: metrics.clone(),
+        events: events.clone(),
         mode: config.inbound_mode,
         app_addr: config.app_addr,
         own,
@@ -304,6 +318,7 @@ pub async fn run(
         outbound_addr: addrs.outbound,
         route_addrs: addrs.routes,
         metrics,
+        events,
         creds,
         stopped,
     })

@@ -209,30 +209,81 @@ impl Metrics {
     }
 }
 
-/// One proxied connection's result, recorded once when dropped.
+/// What was verified on a mutual-TLS hop.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TlsInfo {
+    /// The other sidecar's verified SPIFFE ID.
+    pub peer: String,
+    /// Such as `TLSv1_3`.
+    pub version: String,
+    /// Such as `X25519MLKEM768`.
+    pub key_exchange: String,
+}
+
+impl TlsInfo {
+    /// Reads what a finished handshake negotiated.
+    pub fn of(conn: &rustls::CommonState, peer: String) -> Self {
+        Self {
+            peer,
+            version: conn
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            key_exchange: conn
+                .negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name()))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// One finished connection, as published to [`crate::Running::events`] subscribers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnEvent {
+    pub direction: Direction,
+    /// Set when the hop between sidecars was mutual TLS.
+    pub tls: Option<TlsInfo>,
+    /// `http1`, `http2` or `opaque`.
+    pub protocol: &'static str,
+    pub bytes: u64,
+    pub duration_ms: u64,
+}
+
+/// One proxied connection's result, recorded once when dropped: metrics, a log line, and
+/// an event.
 #[derive(Debug)]
 pub struct ConnRecord {
     metrics: Arc<Metrics>,
+    events: tokio::sync::broadcast::Sender<ConnEvent>,
     pub direction: Direction,
-    pub tls: bool,
+    pub tls: Option<TlsInfo>,
+    pub protocol: &'static str,
     pub bytes: Arc<AtomicU64>,
     started: Instant,
-    pub peer: String,
 }
 
 impl ConnRecord {
-    pub fn new(metrics: Arc<Metrics>, direction: Direction, tls: bool, peer: String) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        events: tokio::sync::broadcast::Sender<ConnEvent>,
+        direction: Direction,
+        tls: Option<TlsInfo>,
+    ) -> Self {
         metrics
             .connections
-            .get_or_create(&ConnLabels { direction, tls })
+            .get_or_create(&ConnLabels {
+                direction,
+                tls: tls.is_some(),
+            })
             .inc();
         Self {
             metrics,
+            events,
             direction,
             tls,
+            protocol: "opaque",
             bytes: Arc::default(),
             started: Instant::now(),
-            peer,
         }
     }
 }
@@ -246,13 +297,15 @@ impl Drop for ConnRecord {
                 direction: self.direction,
             })
             .inc_by(bytes);
-        tracing::debug!(
-            direction = ?self.direction,
-            tls = self.tls,
-            peer = %self.peer,
+        let event = ConnEvent {
+            direction: self.direction,
+            tls: self.tls.take(),
+            protocol: self.protocol,
             bytes,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            "connection closed"
-        );
+            duration_ms: self.started.elapsed().as_millis() as u64,
+        };
+        tracing::debug!(?event, "connection closed");
+        // Nobody listening is the normal case.
+        let _ = self.events.send(event);
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::discovery::{Resolution, Resolver};
 use crate::identity::Creds;
-use crate::metrics::{Direction, HandshakeError, Metrics, Refusal};
+use crate::metrics::{ConnEvent, Direction, HandshakeError, Metrics, Refusal, TlsInfo};
 use crate::relay::{RelayCtx, connect, relay};
 
 /// What to do with one outbound connection.
@@ -66,6 +66,7 @@ pub struct Outbound {
     pub resolver: Arc<Resolver>,
     pub creds: watch::Receiver<Option<Arc<Creds>>>,
     pub metrics: Arc<Metrics>,
+    pub events: tokio::sync::broadcast::Sender<ConnEvent>,
     pub own: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -96,7 +97,7 @@ impl Outbound {
         match (plan, creds) {
             (Plan::Refuse(reason), _) => self.metrics.refuse(Direction::outbound, reason),
             (Plan::Passthrough(dst), _) => match connect(dst, self.connect_timeout).await {
-                Ok(upstream) => relay(app, upstream, self.ctx(false, None)).await,
+                Ok(upstream) => relay(app, upstream, self.ctx(None)).await,
                 Err(_) => self
                     .metrics
                     .refuse(Direction::outbound, Refusal::upstream_unreachable),
@@ -137,7 +138,8 @@ impl Outbound {
         if let Err(e) = Expected::Exact(identity.clone()).check(leaf) {
             return self.handshake_failed(HandshakeError::wrong_identity, dst, &e.to_string());
         }
-        relay(app, tls, self.ctx(true, Some(identity.to_string()))).await;
+        let info = TlsInfo::of(tls.get_ref().1, identity.to_string());
+        relay(app, tls, self.ctx(Some(info))).await;
     }
 
     fn handshake_failed(&self, reason: HandshakeError, dst: SocketAddr, detail: &str) {
@@ -147,12 +149,12 @@ impl Outbound {
             .refuse(Direction::outbound, Refusal::tls_handshake);
     }
 
-    fn ctx(&self, tls: bool, peer: Option<String>) -> RelayCtx {
+    fn ctx(&self, tls: Option<TlsInfo>) -> RelayCtx {
         RelayCtx {
             metrics: self.metrics.clone(),
+            events: self.events.clone(),
             direction: Direction::outbound,
             tls,
-            peer,
             sniff_timeout: self.sniff_timeout,
             drain: self.drain.clone(),
         }

@@ -17,17 +17,16 @@ use tokio_util::sync::CancellationToken;
 use crate::detect::{self, Protocol};
 use crate::http;
 use crate::io::{Counted, Prefixed, sniff};
-use crate::metrics::{ConnRecord, Direction, Metrics};
+use crate::metrics::{ConnEvent, ConnRecord, Direction, Metrics, TlsInfo};
 
 /// What a relay needs besides the two streams.
 #[derive(Debug, Clone)]
 pub struct RelayCtx {
     pub metrics: Arc<Metrics>,
+    pub events: tokio::sync::broadcast::Sender<ConnEvent>,
     pub direction: Direction,
-    /// Whether the hop between sidecars is mutual TLS.
-    pub tls: bool,
-    /// The verified SPIFFE ID of the other sidecar, when `tls`.
-    pub peer: Option<String>,
+    /// Set when the hop between sidecars is mutual TLS: what was verified.
+    pub tls: Option<TlsInfo>,
     pub sniff_timeout: Duration,
     /// Cancelled when the sidecar drains: HTTP connections finish their requests and close.
     pub drain: CancellationToken,
@@ -41,15 +40,15 @@ where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let record = ConnRecord::new(
+    let mut record = ConnRecord::new(
         ctx.metrics.clone(),
+        ctx.events.clone(),
         ctx.direction,
-        ctx.tls,
-        ctx.peer.clone().unwrap_or_default(),
+        ctx.tls.clone(),
     );
     let mut down_buf = BytesMut::new();
     let mut up_buf = BytesMut::new();
-    let protocol = if ctx.tls {
+    let protocol = if ctx.tls.is_some() {
         tokio::select! {
             sniffed = sniff(&mut down, &mut down_buf, ctx.sniff_timeout, detect::MAX_SNIFF, |b| detect::protocol(b).is_some()) => {
                 match sniffed {
@@ -62,6 +61,11 @@ where
         }
     } else {
         Protocol::Opaque
+    };
+    record.protocol = match protocol {
+        Protocol::Http1 => "http1",
+        Protocol::Http2 => "http2",
+        Protocol::Opaque => "opaque",
     };
     let mut down = Counted::new(Prefixed::new(down_buf, down), record.bytes.clone());
     let mut up = Prefixed::new(up_buf, up);
