@@ -47,9 +47,14 @@ pub(crate) struct HttpClient {
 }
 
 impl HttpClient {
-    pub(crate) async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
-        let tcp = TcpStream::connect(addr)
+    /// Connects to `addr` (a socket address or "host:port"), within 5 s.
+    pub(crate) async fn connect<A>(addr: A) -> anyhow::Result<Self>
+    where
+        A: tokio::net::ToSocketAddrs + std::fmt::Display,
+    {
+        let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr))
             .await
+            .with_context(|| format!("connecting to {addr}: timed out"))?
             .with_context(|| format!("connecting to {addr}"))?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
@@ -58,9 +63,24 @@ impl HttpClient {
 
     /// GETs `path`: (status, body).
     pub(crate) async fn get(&mut self, path: &str) -> anyhow::Result<(u16, String)> {
-        let req = http::Request::get(path)
-            .header(http::header::HOST, "app")
-            .body(Full::new(Bytes::new()))?;
+        self.send(http::Method::GET, path, None).await
+    }
+
+    /// Sends a bodiless request, with a bearer token when given: (status, body).
+    pub(crate) async fn send(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        bearer: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "meshlet");
+        if let Some(token) = bearer {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req.body(Full::new(Bytes::new()))?;
         self.sender.ready().await?;
         let resp = tokio::time::timeout(Duration::from_secs(10), self.sender.send_request(req))
             .await

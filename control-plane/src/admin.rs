@@ -1,28 +1,36 @@
-//! The admin HTTP API (port 15014): `/ready`, `/live`, `/metrics`, `/v1/trust-bundle` and
-//! `/v1/certs`. Read-only; plain HTTP/1.1.
+//! The admin API (port 15014). Read-only status for anyone who can reach the port:
+//! `/ready`, `/live`, `/metrics`, `/v1/trust-bundle`, `/v1/certs`. CA rotation needs an
+//! admin bearer token (see [`crate::ca_admin`]): `POST /v1/ca/roots` (add a root),
+//! `POST /v1/ca/intermediate` (issue from a new intermediate under the newest root),
+//! `POST /v1/ca/retire-root?serial=HEX`, `POST /v1/ca/reload`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use meshlet_identity::ca::Ca;
-use meshlet_identity::cert::CertSummary;
+use meshlet_identity::cert::{self, CertState, CertSummary};
 use meshlet_telemetry::admin::{self, Body};
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::{CertState, Registry, WorkloadStatus};
+use crate::ca_admin::{CaHandle, RotateError};
+use crate::registry::{Registry, WorkloadStatus};
+use crate::token::Authenticator;
 
 /// What the admin handlers read.
 #[derive(Debug)]
 pub struct AdminState {
-    pub ca: Arc<Ca>,
+    pub ca: Arc<CaHandle>,
+    pub auth: Arc<Authenticator>,
     pub registry: Arc<Registry>,
     pub metrics: prometheus_client::registry::Registry,
-    /// Share of the lifetime left below which a certificate is `expiring`.
+    /// Share of the lifetime left below which a workload certificate is `expiring`.
     pub expiring_share: f64,
+    /// A root or intermediate expiring within this is `expiring`.
+    pub ca_expiring_within: Duration,
 }
 
 /// `GET /v1/certs`.
@@ -35,25 +43,41 @@ pub struct CertsResponse {
 /// The CA part of `/v1/certs`.
 #[derive(Debug, Serialize)]
 pub struct CaStatus {
-    pub roots: Vec<RootStatus>,
+    pub roots: Vec<CaCertStatus>,
     #[serde(with = "time::serde::rfc3339")]
     pub intermediate_not_after: OffsetDateTime,
+    pub intermediate: Option<CaCertStatus>,
 }
 
-/// One root of the trust bundle.
+/// A root or the intermediate.
 #[derive(Debug, Serialize)]
-pub struct RootStatus {
+pub struct CaCertStatus {
     pub subject: String,
+    pub serial: String,
     #[serde(with = "time::serde::rfc3339")]
     pub not_after: OffsetDateTime,
+    pub state: CertState,
+    /// For roots: whether it signed the intermediate that issues now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuing: Option<bool>,
 }
 
-impl From<CertSummary> for RootStatus {
-    fn from(c: CertSummary) -> Self {
-        Self {
-            subject: c.subject,
-            not_after: c.not_after,
-        }
+fn ca_cert(
+    c: CertSummary,
+    now: OffsetDateTime,
+    within: Duration,
+    issuing: Option<bool>,
+) -> CaCertStatus {
+    let state = match cert::state(c.not_before, c.not_after, now, 0.0, false) {
+        CertState::Valid if c.not_after - now < within => CertState::Expiring,
+        s => s,
+    };
+    CaCertStatus {
+        subject: c.subject,
+        serial: c.serial,
+        not_after: c.not_after,
+        state,
+        issuing,
     }
 }
 
@@ -64,6 +88,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>, now: OffsetDateTime) -> Response<Body> {
+    if req.method() == Method::POST && req.uri().path().starts_with("/v1/ca/") {
+        return rotate(state, req);
+    }
     if req.method() != Method::GET {
         return admin::text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
@@ -73,7 +100,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, now: OffsetDateTime) -> Re
         "/v1/trust-bundle" => admin::respond(
             StatusCode::OK,
             "application/x-pem-file",
-            state.ca.trust_bundle_pem(),
+            state.ca.ca.load().trust_bundle_pem(),
         ),
         "/v1/certs" => {
             let filter = match CertsFilter::parse(req.uri().query().unwrap_or("")) {
@@ -88,11 +115,21 @@ fn route(state: &AdminState, req: &Request<Incoming>, now: OffsetDateTime) -> Re
             };
             let mut workloads = state.registry.snapshot(now, state.expiring_share);
             workloads.retain(|w| filter.keeps(w));
+            let ca = state.ca.ca.load();
+            let within = state.ca_expiring_within;
             admin::json(&CertsResponse {
                 workloads,
                 ca: CaStatus {
-                    roots: state.ca.roots().into_iter().map(RootStatus::from).collect(),
-                    intermediate_not_after: state.ca.issuer_not_after(),
+                    roots: ca
+                        .roots()
+                        .into_iter()
+                        .map(|r| {
+                            let issuing = r.serial == ca.issuer_root();
+                            ca_cert(r, now, within, Some(issuing))
+                        })
+                        .collect(),
+                    intermediate_not_after: ca.issuer_not_after(),
+                    intermediate: ca.issuer().map(|i| ca_cert(i, now, within, None)),
                 },
             })
         }
@@ -100,7 +137,55 @@ fn route(state: &AdminState, req: &Request<Incoming>, now: OffsetDateTime) -> Re
     }
 }
 
-/// `?namespace=NS&state=valid|expiring|expired` on `/v1/certs`.
+/// `POST /v1/ca/...`: authorise, then one rotation step.
+fn rotate(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+    let header = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
+    let caller = match state.ca.authorize(&state.auth, header) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(error = %e, path = req.uri().path(), "CA rotation refused");
+            let status = match e {
+                crate::ca_admin::AuthzError::NotAllowed(_) => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            return admin::respond(status, "text/plain; charset=utf-8", format!("{e}\n"));
+        }
+    };
+    let query = req.uri().query().unwrap_or("");
+    let result = match req.uri().path() {
+        "/v1/ca/roots" => state.ca.add_root(),
+        "/v1/ca/intermediate" => state.ca.rotate_intermediate(),
+        "/v1/ca/reload" => state.ca.reload(),
+        "/v1/ca/retire-root" => match query.split('&').find_map(|p| p.strip_prefix("serial=")) {
+            Some(serial) => state.ca.retire_root(serial),
+            None => return admin::text(StatusCode::BAD_REQUEST, "retire-root needs ?serial=HEX\n"),
+        },
+        _ => return admin::text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    tracing::info!(%caller, path = req.uri().path(), ok = result.is_ok(), "CA rotation step");
+    match result {
+        Ok(()) => {
+            let ca = state.ca.ca.load();
+            let roots: Vec<String> = ca.roots().into_iter().map(|r| r.serial).collect();
+            admin::json(&serde_json::json!({"roots": roots, "issuing_root": ca.issuer_root()}))
+        }
+        Err(e @ RotateError::ReadOnly(_)) => admin::respond(
+            StatusCode::CONFLICT,
+            "text/plain; charset=utf-8",
+            format!("{e}\n"),
+        ),
+        Err(e) => admin::respond(
+            StatusCode::BAD_REQUEST,
+            "text/plain; charset=utf-8",
+            format!("{e}\n"),
+        ),
+    }
+}
+
+/// `?namespace=NS&state=valid|expiring|overdue|expired` on `/v1/certs`.
 #[derive(Debug, Default, PartialEq)]
 struct CertsFilter {
     namespace: Option<String>,
@@ -118,6 +203,7 @@ impl CertsFilter {
                     f.state = Some(match v {
                         "valid" => CertState::Valid,
                         "expiring" => CertState::Expiring,
+                        "overdue" => CertState::Overdue,
                         "expired" => CertState::Expired,
                         _ => {
                             return Err(format!(

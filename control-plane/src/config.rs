@@ -59,6 +59,17 @@ pub struct ServeArgs {
     /// A certificate is reported `expiring` when less than this share of its life is left.
     #[arg(long, env = "MESHLET_EXPIRING_SHARE", default_value_t = 0.25)]
     pub expiring_share: f64,
+    /// A root or intermediate is reported `expiring` when it expires within this time.
+    #[arg(long, env = "MESHLET_CA_EXPIRING_WITHIN", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub ca_expiring_within: Duration,
+    /// Identities allowed to rotate the CA through the admin API (bearer token), repeatable
+    /// [default: spiffe://<trust-domain>/ns/meshlet-system/sa/meshlet-admin]
+    #[arg(
+        long = "admin-identity",
+        env = "MESHLET_ADMIN_IDENTITY",
+        value_delimiter = ','
+    )]
+    pub admin_identities: Vec<SpiffeId>,
 }
 
 /// The control plane's validated configuration.
@@ -76,6 +87,8 @@ pub struct Config {
     pub token_issuer: Option<String>,
     pub local_tokens: bool,
     pub expiring_share: f64,
+    pub ca_expiring_within: Duration,
+    pub admin_identities: Vec<SpiffeId>,
 }
 
 /// A configuration value that parsed but cannot be used; names its flag and variable.
@@ -103,6 +116,7 @@ impl Config {
         cert_ttl: Duration,
     ) -> Result<Self, ConfigError> {
         let identity = default_identity(&trust_domain)?;
+        let admin = default_admin(&trust_domain)?;
         Ok(Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -116,8 +130,15 @@ impl Config {
             token_issuer: None,
             local_tokens: true,
             expiring_share: 0.25,
+            ca_expiring_within: Duration::from_secs(30 * 86_400),
+            admin_identities: vec![admin],
         })
     }
+}
+
+fn default_admin(td: &TrustDomain) -> Result<SpiffeId, ConfigError> {
+    SpiffeId::for_service_account(td, CONTROL_NAMESPACE, "meshlet-admin")
+        .map_err(|e| config_error("trust-domain", "TRUST_DOMAIN", e.to_string()))
 }
 
 fn default_identity(td: &TrustDomain) -> Result<SpiffeId, ConfigError> {
@@ -162,7 +183,13 @@ impl TryFrom<ServeArgs> for Config {
             ca_file: a.jwks_ca_file,
             bearer_token_file: a.jwks_token_file,
         });
+        let admin_identities = match a.admin_identities.is_empty() {
+            true => vec![default_admin(&a.trust_domain)?],
+            false => a.admin_identities,
+        };
         Ok(Self {
+            admin_identities,
+            ca_expiring_within: a.ca_expiring_within,
             grpc_addr: a.grpc_addr,
             admin_addr: a.admin_addr,
             data_dir: a.data_dir,

@@ -24,7 +24,7 @@ use crate::token::Authenticator;
 /// The Identity service and what it needs.
 #[derive(Debug)]
 pub struct IdentityService {
-    pub ca: Arc<Ca>,
+    pub ca: Arc<arc_swap::ArcSwap<Ca>>,
     pub auth: Arc<Authenticator>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
@@ -69,7 +69,8 @@ impl IdentityService {
         })?;
         let address =
             parse_address(&req.pod_ip).map_err(|status| self.refuse("bad_pod_ip", status))?;
-        let svid = self.ca.issue(&id, &key, self.cert_ttl, now).map_err(|e| {
+        let ca = self.ca.load();
+        let svid = ca.issue(&id, &key, self.cert_ttl, now).map_err(|e| {
             self.refuse(
                 "ca_error",
                 Status::internal(format!("the CA could not sign: {e}")),
@@ -89,7 +90,7 @@ impl IdentityService {
         tracing::debug!(spiffe_id = %id, serial = %svid.serial, "issued");
         Ok(CertifyResponse {
             certificate_chain: svid.chain.into_iter().map(|c| c.to_vec()).collect(),
-            trust_bundle: self.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
+            trust_bundle: ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
             expires_at_unix: svid.not_after.unix_timestamp(),
         })
     }

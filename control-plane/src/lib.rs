@@ -13,6 +13,7 @@
 //! - [`metrics`]: Prometheus metrics with closed label sets.
 
 pub mod admin;
+pub mod ca_admin;
 pub mod config;
 pub mod discovery_service;
 pub mod grpc;
@@ -31,7 +32,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use meshlet_identity::SpiffeId;
 use meshlet_identity::ca::{Ca, CaError};
-use meshlet_identity::tls::{self, TlsConfigError};
+use meshlet_identity::tls::TlsConfigError;
 use meshlet_proto::discovery::v1::discovery_server::DiscoveryServer;
 use meshlet_proto::identity::v1::identity_server::IdentityServer;
 use time::OffsetDateTime;
@@ -41,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, ServeArgs};
 
+use crate::ca_admin::CaHandle;
 use crate::discovery_service::DiscoveryService;
 use crate::identity_service::IdentityService;
 use crate::metrics::Metrics;
@@ -73,6 +75,8 @@ pub enum ControlError {
     Io(#[from] std::io::Error),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Rotate(ca_admin::RotateError),
 }
 
 /// The listeners the control plane serves on, bound by the caller (port 0 in tests).
@@ -122,19 +126,45 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Running, ControlError> {
-    let ca = Arc::new(match &config.ca_dir {
-        Some(dir) => Ca::load(dir)?,
-        None => Ca::load_or_create(&config.data_dir.join("ca"), &config.trust_domain)?,
-    });
+    let (ca_dir, writable) = match &config.ca_dir {
+        Some(dir) => (dir.clone(), false),
+        None => (config.data_dir.join("ca"), true),
+    };
+    let loaded = match writable {
+        true => Ca::load_or_create(&ca_dir, &config.trust_domain)?,
+        false => Ca::load(&ca_dir)?,
+    };
     let auth = Arc::new(authenticator(&config).await?);
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::default());
     let mut prom = prometheus_client::registry::Registry::default();
     metrics.register(&mut prom);
 
-    let serving = Arc::new(ArcSwap::from_pointee(serving_config(&ca, &config)?));
+    let bundle_der: Vec<Vec<u8>> = loaded.trust_bundle().iter().map(|c| c.to_vec()).collect();
+    let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(Arc::new(bundle_der));
+    let first_serving = ca_admin::serving_config(&loaded, &config.identity, config.cert_ttl)
+        .map_err(ControlError::Rotate)?;
+    let ca_handle = Arc::new(CaHandle {
+        dir: ca_dir,
+        writable,
+        trust_domain: config.trust_domain.clone(),
+        ca: Arc::new(ArcSwap::from_pointee(loaded)),
+        bundle: bundle_tx,
+        serving: Arc::new(ArcSwap::from_pointee(first_serving)),
+        identity: config.identity.clone(),
+        cert_ttl: config.cert_ttl,
+        admins: config.admin_identities.clone(),
+        expiry: Default::default(),
+    });
+    ca_handle.update_metrics();
+    prom.sub_registry_with_prefix("meshlet").register(
+        "ca_cert_expiry_timestamp_seconds",
+        "When each root and the issuing intermediate expire (Unix time)",
+        ca_handle.expiry.clone(),
+    );
+    let serving = ca_handle.serving.clone();
     let service = Arc::new(IdentityService {
-        ca: ca.clone(),
+        ca: ca_handle.ca.clone(),
         auth: auth.clone(),
         registry: registry.clone(),
         metrics,
@@ -150,8 +180,6 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| ControlError::Reflection(e.to_string()))?;
     let stop = CancellationToken::new();
-    let bundle_der: Vec<Vec<u8>> = ca.trust_bundle().iter().map(|c| c.to_vec()).collect();
-    let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(Arc::new(bundle_der));
     let discovery = DiscoveryService {
         auth: auth.clone(),
         registry: registry.clone(),
@@ -181,10 +209,12 @@ pub async fn run(
         tasks.spawn(async move { Ok(grpc::serve(listeners.grpc, serving, routes, stop).await?) });
     }
     let admin_state = Arc::new(admin::AdminState {
-        ca: ca.clone(),
+        ca: ca_handle.clone(),
+        auth: auth.clone(),
         registry: registry.clone(),
         metrics: prom,
         expiring_share: config.expiring_share,
+        ca_expiring_within: config.ca_expiring_within,
     });
     {
         let stop = stop.clone();
@@ -193,11 +223,9 @@ pub async fn run(
             Ok(())
         });
     }
-    let trust_bundle_pem = ca.trust_bundle_pem();
+    let trust_bundle_pem = ca_handle.ca.load().trust_bundle_pem();
     let identity = config.identity.clone();
-    tasks.spawn(background(
-        config, ca, auth, registry, serving, bundle_tx, stop,
-    ));
+    tasks.spawn(background(config, ca_handle, auth, registry, stop));
     tracing::info!(grpc = %running_grpc, admin = %running_admin, %identity, "control plane serving");
     Ok(Running {
         grpc_addr: running_grpc,
@@ -232,28 +260,13 @@ fn local_keys(config: &Config) -> Result<Vec<token::TrustedKey>, ControlError> {
     })
 }
 
-/// The gRPC server's TLS: a fresh key and SVID for the control plane's own identity.
-fn serving_config(ca: &Ca, config: &Config) -> Result<rustls::ServerConfig, ControlError> {
-    let (svid, key) =
-        ca.issue_with_new_key(&config.identity, config.cert_ttl, OffsetDateTime::now_utc())?;
-    Ok(tls::server_config(
-        svid.chain,
-        key,
-        None,
-        &[meshlet_proto::connect::GRPC_ALPN],
-    )?)
-}
-
 /// Periodic work until `stop`: renew the serving certificate at half its life, prune the
 /// registry, refresh the JWKS. Failures are logged and retried; serving goes on.
 async fn background(
     config: Config,
-    ca: Arc<Ca>,
+    ca: Arc<CaHandle>,
     auth: Arc<Authenticator>,
     registry: Arc<Registry>,
-    serving: Arc<ArcSwap<rustls::ServerConfig>>,
-    // Root rotation publishes a new bundle here; until then it only keeps watchers open.
-    _bundle: tokio::sync::watch::Sender<discovery_service::Bundle>,
     stop: CancellationToken,
 ) -> Result<(), ControlError> {
     let mut renew = tokio::time::interval(config.cert_ttl / 2);
@@ -265,8 +278,8 @@ async fn background(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            _ = renew.tick() => match serving_config(&ca, &config) {
-                Ok(c) => serving.store(Arc::new(c)),
+            _ = renew.tick() => match ca.serving_config(&ca.ca.load()) {
+                Ok(c) => ca.serving.store(Arc::new(c)),
                 Err(e) => tracing::error!(error = %e, "renewing the control plane's serving certificate failed"),
             },
             _ = prune.tick() => registry.prune(OffsetDateTime::now_utc()),

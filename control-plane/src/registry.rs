@@ -38,34 +38,7 @@ struct Entry {
     renewals: u64,
 }
 
-/// The health of a certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CertState {
-    Valid,
-    Expiring,
-    Expired,
-}
-
-/// Decides a certificate's state: `expiring` once less than `expiring_share` of its
-/// lifetime is left, `expired` from `not_after` on.
-pub fn cert_state(
-    not_before: OffsetDateTime,
-    not_after: OffsetDateTime,
-    now: OffsetDateTime,
-    expiring_share: f64,
-) -> CertState {
-    if now >= not_after {
-        return CertState::Expired;
-    }
-    let life = (not_after - not_before).as_seconds_f64();
-    let left = (not_after - now).as_seconds_f64();
-    if left < life * expiring_share {
-        CertState::Expiring
-    } else {
-        CertState::Valid
-    }
-}
+pub use meshlet_identity::cert::CertState;
 
 /// One workload in `/v1/certs`.
 #[derive(Debug, Clone, Serialize)]
@@ -126,7 +99,13 @@ impl Registry {
                     issued_at: i.issued_at,
                     not_after: i.not_after,
                     renewals: e.renewals,
-                    state: cert_state(i.not_before, i.not_after, now, expiring_share),
+                    state: meshlet_identity::cert::state(
+                        i.issued_at,
+                        i.not_after,
+                        now,
+                        expiring_share,
+                        true,
+                    ),
                 }
             })
             .collect();
@@ -195,24 +174,6 @@ impl Registry {
 mod tests {
     use super::*;
     use time::macros::datetime;
-
-    #[test]
-    fn state_follows_the_share_of_lifetime_left() {
-        let nb = datetime!(2026-01-01 00:00 UTC);
-        let na = datetime!(2026-01-02 00:00 UTC); // 24 h
-        let cases = [
-            (datetime!(2026-01-01 00:00 UTC), CertState::Valid),
-            (datetime!(2026-01-01 12:00 UTC), CertState::Valid),
-            (datetime!(2026-01-01 16:00 UTC), CertState::Valid), // exactly a third left
-            (datetime!(2026-01-01 16:01 UTC), CertState::Expiring),
-            (datetime!(2026-01-01 23:59 UTC), CertState::Expiring),
-            (datetime!(2026-01-02 00:00 UTC), CertState::Expired),
-            (datetime!(2026-02-01 00:00 UTC), CertState::Expired),
-        ];
-        for (now, want) in cases {
-            assert_eq!(cert_state(nb, na, now, 1.0 / 3.0), want, "{now}");
-        }
-    }
 
     #[test]
     fn renewals_count_per_pod_and_expired_entries_are_pruned() {

@@ -56,6 +56,14 @@ pub enum CaError {
     IssuerExpired(OffsetDateTime),
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
+    #[error("{0} has no root.key: a new intermediate needs the current root's key")]
+    NoRootKey(PathBuf),
+    #[error("no root with serial {0} in the bundle")]
+    UnknownRoot(String),
+    #[error("root {0} signs the current intermediate: rotate the intermediate first")]
+    RootInUse(String),
+    #[error("root {0} is the only root left in the bundle")]
+    LastRoot(String),
 }
 
 /// A certificate chain and its leaf's facts, as issued.
@@ -75,6 +83,8 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     issuer_cert: CertificateDer<'static>,
     issuer_not_after: OffsetDateTime,
+    /// Serial (hex) of the root in the bundle that signed the issuer.
+    issuer_root: String,
 }
 
 impl Ca {
@@ -118,9 +128,12 @@ impl Ca {
         {
             return Err(bad(&key_path, "the key does not match issuer.crt"));
         }
-        if !bundle.iter().any(|root| signed_by(&issuer_cert, root)) {
-            return Err(CaError::IssuerNotInBundle);
-        }
+        let issuer_root = bundle
+            .iter()
+            .find(|root| signed_by(&issuer_cert, root))
+            .and_then(|root| cert::summarize(root).ok())
+            .map(|root| root.serial)
+            .ok_or(CaError::IssuerNotInBundle)?;
         let summary = cert::summarize(&issuer_cert).map_err(|e| bad(&cert_path, e))?;
         let issuer = Issuer::from_ca_cert_der(&issuer_cert, key).map_err(|e| bad(&cert_path, e))?;
         Ok(Self {
@@ -128,6 +141,7 @@ impl Ca {
             issuer,
             issuer_cert,
             issuer_not_after: summary.not_after,
+            issuer_root,
         })
     }
 
@@ -152,6 +166,16 @@ impl Ca {
     /// When the issuing intermediate expires.
     pub fn issuer_not_after(&self) -> OffsetDateTime {
         self.issuer_not_after
+    }
+
+    /// The issuing intermediate, for status output.
+    pub fn issuer(&self) -> Option<CertSummary> {
+        cert::summarize(&self.issuer_cert).ok()
+    }
+
+    /// The serial of the root that signed the intermediate.
+    pub fn issuer_root(&self) -> &str {
+        &self.issuer_root
     }
 
     /// Signs an X509-SVID for `id` over a checked CSR key, valid for `ttl` from `now` but
@@ -240,7 +264,9 @@ fn ca_params(
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "meshlet");
-    dn.push(DnType::CommonName, cn);
+    if !cn.is_empty() {
+        dn.push(DnType::CommonName, cn);
+    }
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(match path_len {
         Some(n) => BasicConstraints::Constrained(n),
@@ -257,8 +283,7 @@ fn ca_params(
     params
 }
 
-/// Creates a root and an intermediate in `dir`; keys are written mode 0600 and only if
-/// absent.
+/// Creates a root and an intermediate in an empty `dir` (folder mode 0700).
 fn create(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<(), CaError> {
     use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
@@ -269,34 +294,121 @@ fn create(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<(), CaErr
             path: dir.to_owned(),
             source,
         })?;
-    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let root_params = ca_params(format!("meshlet root CA {td}"), None, now, ROOT_LIFETIME);
-    let root = root_params.self_signed(&root_key)?;
-    let root_issuer = Issuer::new(root_params, &root_key);
+    add_root(dir, td, now)?;
+    new_intermediate(dir, td, now)
+}
 
-    let issuer_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut issuer_params = ca_params(
-        format!("meshlet issuing CA {td}"),
-        Some(0),
-        now,
-        INTERMEDIATE_LIFETIME,
-    );
-    issuer_params.use_authority_key_identifier_extension = true;
-    let issuer = issuer_params.signed_by(&issuer_key, &root_issuer)?;
+/// Root rotation, step 1: makes a new root, adds it to `bundle.crt` and makes it the root
+/// (`root.crt`, `root.key`) that signs the next intermediate. Issuing does not change yet.
+pub fn add_root(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<(), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = ca_params(String::new(), None, now, ROOT_LIFETIME);
+    let tag = params
+        .serial_number
+        .as_ref()
+        .map(|s| cert::hex(&s.as_ref()[..3]))
+        .unwrap_or_default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("meshlet root CA {td} {tag}"));
+    let root = params.self_signed(&key)?;
+    let bundle_path = dir.join("bundle.crt");
+    let mut bundle = match fs::read_to_string(&bundle_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(source) => {
+            return Err(CaError::Io {
+                path: bundle_path,
+                source,
+            });
+        }
+    };
+    bundle.push_str(&root.pem());
+    replace(&dir.join("root.key"), key.serialize_pem().as_bytes(), 0o600)?;
+    replace(&dir.join("root.crt"), root.pem().as_bytes(), 0o644)?;
+    replace(&bundle_path, bundle.as_bytes(), 0o644)
+}
 
-    write_new(
-        &dir.join("root.key"),
-        root_key.serialize_pem().as_bytes(),
-        0o600,
-    )?;
-    write_new(
+/// Root rotation, step 2 (and intermediate rotation): a new intermediate signed by the
+/// current root, which issues from now on. Needs `root.key`.
+pub fn new_intermediate(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<(), CaError> {
+    let root_key_path = dir.join("root.key");
+    let root_key = match fs::read_to_string(&root_key_path) {
+        Ok(pem) => KeyPair::from_pem(&pem).map_err(|e| bad(&root_key_path, e))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(CaError::NoRootKey(dir.to_owned()));
+        }
+        Err(source) => {
+            return Err(CaError::Io {
+                path: root_key_path,
+                source,
+            });
+        }
+    };
+    let root_path = dir.join("root.crt");
+    let root_pem = fs::read_to_string(&root_path).map_err(|source| CaError::Io {
+        path: root_path.clone(),
+        source,
+    })?;
+    let root_not_after = CertificateDer::from_pem_slice(root_pem.as_bytes())
+        .ok()
+        .and_then(|der| cert::summarize(&der).ok())
+        .map(|s| s.not_after)
+        .ok_or_else(|| bad(&root_path, "not a certificate"))?;
+    let root = Issuer::from_ca_cert_pem(&root_pem, root_key).map_err(|e| bad(&root_path, e))?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = ca_params(String::new(), Some(0), now, INTERMEDIATE_LIFETIME);
+    params.not_after = params.not_after.min(root_not_after);
+    let tag = params
+        .serial_number
+        .as_ref()
+        .map(|s| cert::hex(&s.as_ref()[..3]))
+        .unwrap_or_default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("meshlet issuing CA {td} {tag}"));
+    params.use_authority_key_identifier_extension = true;
+    let issuer = params.signed_by(&key, &root)?;
+    replace(
         &dir.join("issuer.key"),
-        issuer_key.serialize_pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
         0o600,
     )?;
-    write_new(&dir.join("root.crt"), root.pem().as_bytes(), 0o644)?;
-    write_new(&dir.join("issuer.crt"), issuer.pem().as_bytes(), 0o644)?;
-    write_new(&dir.join("bundle.crt"), root.pem().as_bytes(), 0o644)
+    replace(&dir.join("issuer.crt"), issuer.pem().as_bytes(), 0o644)
+}
+
+/// Root rotation, step 3: removes the root with `serial` (hex) from `bundle.crt`. Refused
+/// for the root that signed the current intermediate, and for the last root.
+pub fn retire_root(dir: &Path, serial: &str) -> Result<(), CaError> {
+    let current = Ca::load(dir)?;
+    let serial = serial.to_ascii_lowercase();
+    if current.issuer_root == serial {
+        return Err(CaError::RootInUse(serial));
+    }
+    let (gone, kept): (Vec<_>, Vec<_>) = current.bundle.iter().partition(|root| {
+        cert::summarize(root)
+            .map(|s| s.serial == serial)
+            .unwrap_or(false)
+    });
+    if gone.is_empty() {
+        return Err(CaError::UnknownRoot(serial));
+    }
+    if kept.is_empty() {
+        return Err(CaError::LastRoot(serial));
+    }
+    let pem_text: String = kept.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    replace(&dir.join("bundle.crt"), pem_text.as_bytes(), 0o644)
+}
+
+/// Replaces `path` whole: writes `path.new` (mode set at creation), then renames it over.
+fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+    let tmp = path.with_extension("new");
+    let _ = fs::remove_file(&tmp);
+    write_new(&tmp, contents, mode)?;
+    fs::rename(&tmp, path).map_err(|source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Writes a file that must not exist yet, with `mode` set at creation (no window in which

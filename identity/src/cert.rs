@@ -108,3 +108,75 @@ pub fn hex(bytes: &[u8]) -> String {
             s
         })
 }
+
+/// The health of a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertState {
+    Valid,
+    /// Its renewal time has passed without a renewal.
+    Overdue,
+    /// Less than the configured share of its lifetime is left.
+    Expiring,
+    Expired,
+}
+
+/// A workload renews at about half of its certificate's life; past this share without a
+/// renewal it is overdue (the window covers the renewal jitter and a few retries).
+pub const OVERDUE_SHARE: f64 = 0.6;
+
+/// Decides a certificate's state at `now`: `expired` from `not_after` on; `expiring` once
+/// less than `expiring_share` of its lifetime is left; `overdue` (when `renews` is set, i.e.
+/// for workloads) once [`OVERDUE_SHARE`] of its life has passed; else `valid`.
+pub fn state(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    now: OffsetDateTime,
+    expiring_share: f64,
+    renews: bool,
+) -> CertState {
+    if now >= not_after {
+        return CertState::Expired;
+    }
+    let life = (not_after - not_before).as_seconds_f64();
+    let left = (not_after - now).as_seconds_f64();
+    if left < life * expiring_share {
+        CertState::Expiring
+    } else if renews && life - left > life * OVERDUE_SHARE {
+        CertState::Overdue
+    } else {
+        CertState::Valid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    #[test]
+    fn states_follow_the_lifetime() {
+        let nb = datetime!(2026-01-01 00:00 UTC);
+        let na = datetime!(2026-01-02 00:00 UTC); // 24 h
+        let cases = [
+            (datetime!(2026-01-01 00:00 UTC), true, CertState::Valid),
+            (datetime!(2026-01-01 12:00 UTC), true, CertState::Valid),
+            (datetime!(2026-01-01 14:24 UTC), true, CertState::Valid), // exactly 60%
+            (datetime!(2026-01-01 14:25 UTC), true, CertState::Overdue),
+            (datetime!(2026-01-01 14:25 UTC), false, CertState::Valid), // CA certs do not renew
+            (datetime!(2026-01-01 18:00 UTC), true, CertState::Overdue), // exactly 25% left
+            (datetime!(2026-01-01 18:01 UTC), true, CertState::Expiring),
+            (datetime!(2026-01-01 18:01 UTC), false, CertState::Expiring),
+            (datetime!(2026-01-02 00:00 UTC), true, CertState::Expired),
+            (datetime!(2027-01-01 00:00 UTC), false, CertState::Expired),
+        ];
+        for (now, renews, want) in cases {
+            assert_eq!(
+                state(nb, na, now, 0.25, renews),
+                want,
+                "{now} renews={renews}"
+            );
+        }
+    }
+}

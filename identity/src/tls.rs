@@ -8,6 +8,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+pub use crate::verify::LiveRoots;
 use crate::verify::{Expected, SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// Why a TLS configuration could not be built.
@@ -71,8 +72,23 @@ pub fn client_config(
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig, TlsConfigError> {
+    live_client_config(
+        Arc::new(arc_swap::ArcSwap::new(roots)),
+        expected,
+        identity,
+        alpn,
+    )
+}
+
+/// As [`client_config`], trusting whatever `roots` holds at each handshake.
+pub fn live_client_config(
+    roots: LiveRoots,
+    expected: Expected,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsConfigError> {
     let provider = provider();
-    let verifier = Arc::new(SpiffeServerVerifier::new(roots, expected, &provider));
+    let verifier = Arc::new(SpiffeServerVerifier::live(roots, expected, &provider));
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

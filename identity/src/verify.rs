@@ -52,16 +52,25 @@ fn to_rustls(e: SvidError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
-/// Verifies a server's SVID: webpki chain to `roots`, then [`Expected`].
+/// Trust anchors that can be replaced while connections are being made: each
+/// verification reads the latest set.
+pub type LiveRoots = Arc<arc_swap::ArcSwap<RootCertStore>>;
+
+/// Verifies a server's SVID: webpki chain to the roots of the moment, then [`Expected`].
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
+    roots: LiveRoots,
     expected: Expected,
     algs: WebPkiSupportedAlgorithms,
 }
 
 impl SpiffeServerVerifier {
     pub fn new(roots: Arc<RootCertStore>, expected: Expected, provider: &CryptoProvider) -> Self {
+        Self::live(Arc::new(arc_swap::ArcSwap::new(roots)), expected, provider)
+    }
+
+    /// A verifier that follows `roots` as they change.
+    pub fn live(roots: LiveRoots, expected: Expected, provider: &CryptoProvider) -> Self {
         Self {
             roots,
             expected,
@@ -82,7 +91,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            &self.roots.load(),
             intermediates,
             now,
             self.algs.all,

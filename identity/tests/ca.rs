@@ -341,7 +341,7 @@ fn mutual_tls_checks_both_identities() {
             Expected::TrustDomain(td()),
             &foreign_mat,
             &client_mat,
-            "BadSignature",
+            "UnknownIssuer",
         ),
         (
             "client cert from another CA",
@@ -349,7 +349,7 @@ fn mutual_tls_checks_both_identities() {
             Expected::TrustDomain(td()),
             &server_mat,
             &foreign_mat,
-            "BadSignature",
+            "UnknownIssuer",
         ),
     ];
     for (name, client_expects, server_expects, server_mat, client_mat, want) in cases {
@@ -376,3 +376,125 @@ fn svid_leaf_rules_refuse_ca_certificates() {
 }
 
 use rustls::pki_types::pem::PemObject;
+
+#[test]
+fn root_rotation_steps_on_disk() {
+    use meshlet_identity::ca::{add_root, new_intermediate, retire_root};
+    let dir = tempfile::tempdir().unwrap();
+    let first = Ca::load_or_create(dir.path(), &td()).unwrap();
+    let old_root = first.roots()[0].serial.clone();
+    assert_eq!(first.issuer_root(), old_root);
+    let now = OffsetDateTime::now_utc();
+
+    // 1. a new root joins the bundle; issuing is unchanged.
+    add_root(dir.path(), &td(), now).unwrap();
+    let step1 = Ca::load(dir.path()).unwrap();
+    assert_eq!(step1.roots().len(), 2);
+    assert_eq!(step1.issuer_root(), old_root);
+    let new_root = step1.roots()[1].serial.clone();
+    assert_ne!(new_root, old_root);
+    assert_ne!(
+        step1.roots()[0].subject,
+        step1.roots()[1].subject,
+        "roots are told apart by name"
+    );
+
+    // Retiring the root that signs the intermediate is refused.
+    assert!(matches!(
+        retire_root(dir.path(), &old_root),
+        Err(CaError::RootInUse(_))
+    ));
+
+    // 2. a new intermediate under the new root issues from now on.
+    new_intermediate(dir.path(), &td(), now).unwrap();
+    let step2 = Ca::load(dir.path()).unwrap();
+    assert_eq!(step2.issuer_root(), new_root);
+    let who = id("a", "b");
+    let svid = step2
+        .issue(
+            &who,
+            &check_csr(&build_csr(&p256(), None).unwrap(), &who).unwrap(),
+            DAY,
+            now,
+        )
+        .unwrap();
+    let (_, issuer) = X509Certificate::from_der(&svid.chain[1]).unwrap();
+    let (_, root) = X509Certificate::from_der(&step2.trust_bundle()[1]).unwrap();
+    issuer.verify_signature(Some(root.public_key())).unwrap();
+
+    // 3. the old root leaves the bundle.
+    assert!(matches!(
+        retire_root(dir.path(), "00ff"),
+        Err(CaError::UnknownRoot(_))
+    ));
+    retire_root(dir.path(), &old_root).unwrap();
+    let step3 = Ca::load(dir.path()).unwrap();
+    assert_eq!(step3.roots().len(), 1);
+    assert_eq!(step3.roots()[0].serial, new_root);
+    assert!(matches!(
+        retire_root(dir.path(), &new_root),
+        Err(CaError::RootInUse(_))
+    ));
+    for key in ["root.key", "issuer.key"] {
+        let mode = std::fs::metadata(dir.path().join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key} after rotation");
+    }
+}
+
+#[test]
+fn sessions_are_never_resumed() {
+    // Every connection is validated against the bundle of the moment: no resumption.
+    let (_dir, ca) = new_ca();
+    let roots = tls::root_store(ca.trust_bundle()).unwrap();
+    let (cm, sm) = (material(&ca, &id("a", "c")), material(&ca, &id("b", "s")));
+    let client = Arc::new(
+        tls::client_config(
+            roots.clone(),
+            Expected::TrustDomain(td()),
+            Some((cm.0, cm.1)),
+            &[MESH_ALPN],
+        )
+        .unwrap(),
+    );
+    let server = Arc::new(
+        tls::server_config(
+            sm.0,
+            sm.1,
+            Some((roots, Expected::TrustDomain(td()))),
+            &[MESH_ALPN],
+        )
+        .unwrap(),
+    );
+    for round in 0..3 {
+        let name = ServerName::try_from("mesh.invalid").unwrap();
+        let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        for _ in 0..20 {
+            let mut buf = vec![];
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
+            let mut buf = vec![];
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert_eq!(
+            c.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "round {round}"
+        );
+        assert_eq!(
+            s.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "round {round}"
+        );
+    }
+}

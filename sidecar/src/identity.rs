@@ -131,6 +131,8 @@ pub struct IdentityTask {
     pub creds: watch::Sender<Option<Arc<Creds>>>,
     pub status: Arc<ArcSwap<CertStatus>>,
     pub metrics: Arc<Metrics>,
+    /// The roots the control plane connection trusts; kept equal to the current bundle.
+    pub control_roots: tls::LiveRoots,
 }
 
 /// Gets the first certificate, renews it forever, and folds in trust bundle updates,
@@ -200,6 +202,9 @@ fn publish(
     match creds(issued) {
         Ok(c) => {
             task.creds.send_replace(Some(Arc::new(c)));
+            if let Ok(roots) = tls::root_store(&issued.bundle) {
+                task.control_roots.store(roots);
+            }
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot build TLS configurations");

@@ -138,8 +138,11 @@ pub async fn run(
         .map_err(|e| {
             ProxyError::TrustBundle(config.trust_bundle.display().to_string(), e.to_string())
         })?;
-    let control_tls = tls::client_config(
-        tls::root_store(&bundle)?,
+    // The control plane is trusted by the roots of the moment: the file's at first, then the
+    // bundle the control plane streams (so a root rotation never cuts the sidecar off).
+    let control_roots: tls::LiveRoots = Arc::new(ArcSwap::new(tls::root_store(&bundle)?));
+    let control_tls = tls::live_client_config(
+        control_roots.clone(),
         Expected::Exact(config.control_identity.clone()),
         None,
         &[meshlet_proto::connect::GRPC_ALPN],
@@ -183,6 +186,7 @@ pub async fn run(
         creds: creds_tx,
         status: status.clone(),
         metrics: metrics.clone(),
+        control_roots,
     };
     tokio::spawn(identity::maintain(identity, bundle_rx, background.clone()));
     tokio::spawn(discovery::watch_bundle(

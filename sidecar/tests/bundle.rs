@@ -76,6 +76,7 @@ async fn a_bundle_update_is_used_by_the_next_handshake() {
         creds: creds_tx,
         status: status.clone(),
         metrics: Arc::new(Metrics::default()),
+        control_roots: Arc::new(ArcSwap::new(tls::root_store(&cp_bundle).unwrap())),
     };
     let stop = CancellationToken::new();
     tokio::spawn(maintain(task, bundle_rx, stop.clone()));

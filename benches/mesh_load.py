@@ -1,0 +1,692 @@
+#!/usr/bin/env python3
+"""Side-by-side load harness: the same nginx backend reached directly, through a meshlet
+sidecar pair (mutual TLS) and through peer proxies (stunnel, HAProxy L4 and L7), on loopback.
+
+    python3 benches/mesh_load.py [--rounds 3] [--quick] [--json target/mesh-load.json]
+
+Needs nginx and wrk (Debian: nginx wrk); stunnel4 and haproxy are optional peers. The
+fixed-rate latency test uses its own open-loop client (below), not a separate tool. Needs target/release/meshlet-{control,proxy} and meshletctl
+(`cargo build --release`). Every process it starts is stopped at the end, also on error or
+Ctrl-C. See benches/README.md for what each figure means.
+"""
+import argparse
+import collections
+import datetime
+import gc
+import http.client
+import json
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = b"x" * 63 + b"\n"  # 64 bytes
+RATE = 1000  # fixed-rate test, requests per second
+LAT_CONNS = 10  # keep-alive connections the fixed-rate client spreads requests over
+MAX_CONNS = 64  # wrk keep-alive connections for the maximum-throughput test
+CLOSE_CONNS = 16  # wrk connections for the one-connection-per-request test
+SERVER_ID = "spiffe://cluster.local/ns/bench/sa/server"
+LOADGEN_CPU, SERVER_CPU = "1", "0"
+TICKS = os.sysconf("SC_CLK_TCK")
+MIB = 1024 * 1024
+
+# (key, label, bound, "max" = value must be at most bound / "min" = at least)
+TARGETS = [
+    ("added_p50_ms", "added p50 at 1,000 rps (ms)", 0.25, "max"),
+    ("added_p99_ms", "added p99 at 1,000 rps (ms)", 0.6, "max"),
+    ("cpu_1k", "CPU-s per 10k requests at 1,000 rps (both sidecars)", 1.4, "max"),
+    ("cpu_max", "CPU-s per 10k requests at max load (both sidecars)", 0.75, "max"),
+    ("max_ratio", "max keep-alive rps, share of direct", 0.35, "min"),
+    ("close_ratio", "new connections/s, share of direct", 0.45, "min"),
+    ("rss_idle_mib", "RSS per sidecar idle (MiB, larger of the two)", 6, "max"),
+    ("rss_64_mib", "RSS per sidecar at 64 connections (MiB, larger)", 10, "max"),
+]
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Procs:
+    """Every process started, each in its own session (process group), stopped together."""
+
+    def __init__(self, tmp, pin):
+        self.tmp, self.pin, self.live = tmp, pin, []
+
+    def start(self, name, argv, cpu=None, env=None):
+        if cpu is not None and self.pin:
+            argv = ["taskset", "-c", cpu] + argv
+        log = open(self.tmp / f"{name}.log", "wb")
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, env=env)
+        log.close()
+        self.live.append((name, p))
+        return p
+
+    def run(self, name, argv, timeout, cpu=LOADGEN_CPU):
+        """Runs a load generator to completion (bounded by `timeout`); returns its output."""
+        p = self.start(name, argv, cpu)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{name} did not finish within {timeout:.0f} s")
+        finally:
+            self.stop(name, p)
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, name, p, grace=5.0):
+        if p.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    p.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if (name, p) in self.live:
+            self.live.remove((name, p))
+
+    def stop_all(self):
+        for name, p in reversed(list(self.live)):
+            self.stop(name, p)
+
+
+def free_ports(n):
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def http_get(port, path="/", timeout=2.0):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def wait_until(what, check, timeout=30.0, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{what}: not ready within {timeout:.0f} s")
+
+
+def backend_answers(port):
+    status, body = http_get(port)
+    if status != 200 or body != BODY:
+        raise RuntimeError(f"port {port}: got {status} and {len(body)} bytes, not the 64-byte body")
+    return True
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime, all threads
+
+
+def rss_mib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_times():
+    """(busy, total) jiffies over all CPUs from /proc/stat."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    idle = vals[3] + vals[4]  # idle + iowait
+    return sum(vals) - idle, sum(vals)
+
+
+# ---------------------------------------------------------------- setups
+
+
+class Setup:
+    def __init__(self, name, port, proxies, note=""):
+        self.name, self.port, self.proxies, self.note = name, port, proxies, note  # proxies: [(label, pid)]
+
+
+def start_nginx(procs, tmp):
+    (port,) = free_ports(1)
+    d = tmp / "nginx"
+    d.mkdir()
+    conf = d / "nginx.conf"
+    temps = " ".join(f"{k}_temp_path {d}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf.write_text(f"""worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  {temps}
+  keepalive_requests 10000000;
+  keepalive_timeout 75s;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    default_type text/plain;
+    location / {{ return 200 "{BODY.decode().strip()}\\n"; }}
+  }}
+}}
+""")
+    p = procs.start("nginx", ["nginx", "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")], SERVER_CPU)
+    wait_until("nginx", lambda: backend_answers(port), proc=p)
+    return port
+
+
+def start_meshlet(procs, tmp, bins, backend):
+    d = tmp / "meshlet"
+    d.mkdir()
+    grpc, admin, s_in, s_out, s_adm, c_in, c_out, c_adm, route = free_ports(9)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")}
+    env["MESHLET_LOG"] = "warn"
+    ctl = procs.start("meshlet-control", [str(bins / "meshlet-control"), "serve", "--data-dir", str(d / "data"),
+                                          "--grpc-addr", f"127.0.0.1:{grpc}", "--admin-addr", f"127.0.0.1:{admin}"],
+                      SERVER_CPU, env)
+    wait_until("meshlet-control", lambda: http_get(admin, "/ready")[0] == 200, proc=ctl)
+    (d / "bundle.pem").write_bytes(http_get(admin, "/v1/trust-bundle")[1])
+    for sa in ("server", "client"):
+        token = subprocess.run([str(bins / "meshletctl"), "token", "--data-dir", str(d / "data"), "--namespace",
+                                "bench", "--service-account", sa, "--ttl", "24h"], env=env, check=True,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        (d / f"{sa}.token").write_text(token + "\n")
+
+    def sidecar(sa, inbound, outbound, adm, extra):
+        argv = [str(bins / "meshlet-proxy"), "run", "--control-addr", f"127.0.0.1:{grpc}",
+                "--token-file", str(d / f"{sa}.token"), "--trust-bundle", str(d / "bundle.pem"),
+                "--admin-addr", f"127.0.0.1:{adm}", "--inbound-addr", f"127.0.0.1:{inbound}",
+                "--outbound-addr", f"127.0.0.1:{outbound}", "--drain-timeout", "2s"] + extra
+        p = procs.start(f"meshlet-{sa}", argv, SERVER_CPU, env)
+        wait_until(f"meshlet {sa} sidecar /ready", lambda: http_get(adm, "/ready")[0] == 200, proc=p)
+        return p
+
+    srv = sidecar("server", s_in, s_out, s_adm, ["--inbound-mode", "strict", "--app-addr", f"127.0.0.1:{backend}"])
+    cli = sidecar("client", c_in, c_out, c_adm, ["--route", f"127.0.0.1:{route}=127.0.0.1:{s_in}@{SERVER_ID}"])
+    wait_until("meshlet route", lambda: backend_answers(route))
+    setup = Setup("meshlet", route, [("client sidecar", cli.pid), ("server sidecar", srv.pid)],
+                  "TLS 1.3, X25519MLKEM768, one upstream connection per client connection")
+    setup.admin = {"client sidecar": c_adm, "server sidecar": s_adm}
+    return setup
+
+
+def make_certs(tmp):
+    """A P-256 CA and two leaves (server.bench, client.bench) for the peer proxies."""
+    d = tmp / "pki"
+    d.mkdir()
+
+    def ossl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
+
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key",
+         "-out", "ca.crt", "-subj", "/CN=bench CA", "-days", "2", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign")
+    for name in ("server", "client"):
+        ossl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+             f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}.bench")
+        (d / f"{name}.ext").write_text(f"subjectAltName=DNS:{name}.bench\nbasicConstraints=CA:FALSE\n"
+                                       "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n")
+        ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+        (d / f"{name}.pem").write_bytes((d / f"{name}.crt").read_bytes() + (d / f"{name}.key").read_bytes())
+    return d
+
+
+def start_stunnel(procs, tmp, pki, backend):
+    front, mid = free_ports(2)
+    common = (f"CAfile = {pki}/ca.crt\nverifyChain = yes\nsslVersionMin = TLSv1.3\nsessionResume = no\n"
+              "socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n")
+    pids = []
+    for role, accept, connect, extra in (("server", mid, backend, ""),
+                                          ("client", front, mid, "client = yes\ncheckHost = server.bench\n")):
+        conf = tmp / f"stunnel-{role}.conf"
+        conf.write_text(f"foreground = yes\npid =\nsyslog = no\ndebug = warning\n[bench]\n{extra}"
+                        f"accept = 127.0.0.1:{accept}\nconnect = 127.0.0.1:{connect}\n"
+                        f"cert = {pki}/{role}.crt\nkey = {pki}/{role}.key\n{common}")
+        p = procs.start(f"stunnel-{role}", [shutil.which("stunnel4") or "stunnel", str(conf)], SERVER_CPU)
+        pids.insert(0, (f"{role} stunnel", p))
+    wait_until("stunnel pair", lambda: backend_answers(front), proc=pids[0][1])
+    return Setup("stunnel", front, [(n, p.pid) for n, p in pids], "TLS 1.3, X25519, no resumption, L4")
+
+
+def start_haproxy(procs, tmp, pki, backend, mode):
+    front, mid = free_ports(2)
+    head = ("global\n  nbthread 1\n  maxconn 4096\ndefaults\n"
+            f"  mode {mode}\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n")
+    reuse = "  http-reuse always\n" if mode == "http" else ""
+    tls = f"ca-file {pki}/ca.crt verify required ssl-min-ver TLSv1.3"
+    confs = {
+        "server": f"{head}frontend fe\n  bind 127.0.0.1:{mid} ssl crt {pki}/server.pem {tls} no-tls-tickets\n"
+                  f"  default_backend be\nbackend be\n{reuse}  server nginx 127.0.0.1:{backend}\n",
+        "client": f"{head}frontend fe\n  bind 127.0.0.1:{front}\n  default_backend be\nbackend be\n{reuse}"
+                  f"  server peer 127.0.0.1:{mid} ssl crt {pki}/client.pem {tls} verifyhost server.bench"
+                  " no-ssl-reuse\n",
+    }
+    name = "haproxy-l7" if mode == "http" else "haproxy-l4"
+    pids = []
+    for role in ("server", "client"):
+        conf = tmp / f"{name}-{role}.cfg"
+        conf.write_text(confs[role])
+        p = procs.start(f"{name}-{role}", ["haproxy", "-db", "-f", str(conf)], SERVER_CPU)
+        pids.insert(0, (f"{role} haproxy", p))
+    wait_until(name, lambda: backend_answers(front), proc=pids[0][1])
+    note = "L7, pooled upstream (http-reuse always)" if mode == "http" else "L4 (mode tcp)"
+    return Setup(name, front, [(n, p.pid) for n, p in pids], f"TLS 1.3, X25519, no resumption, {note}")
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def proxies_cpu(setup):
+    return sum(cpu_seconds(pid) for _, pid in setup.proxies)
+
+
+def fixed_rate_client(port, seconds, warmup, on_window):
+    """Open loop: request i is due at t0 + i/RATE and goes out on the next idle keep-alive
+    connection (round robin over LAT_CONNS), or waits for one; its latency runs from the due
+    time to the response's last byte, so queueing anywhere counts. The loop polls without
+    sleeping (epoll with timeout 0) on the load generator's core, so sends are on time to
+    microseconds; on_window(0) and on_window(1) mark the measured window (after the warm-up)."""
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    ep, conns, idle = select.epoll(), {}, collections.deque()
+
+    def connect():
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        ep.register(s.fileno(), select.EPOLLIN)
+        conns[s.fileno()] = {"sock": s, "due": None, "buf": bytearray()}
+        idle.append(s.fileno())
+
+    for _ in range(LAT_CONNS):
+        connect()
+    interval, total = 1 / RATE, int((seconds + warmup) * RATE)
+    t0 = time.perf_counter() + 0.05
+    measured_from = t0 + warmup
+    deadline = t0 + seconds + warmup + 10
+    backlog, lat = collections.deque(), []
+    sent = errors = non_200 = 0
+    in_window = False
+    gc.disable()
+    try:
+        while sent < total or backlog or len(idle) < len(conns):
+            now = time.perf_counter()
+            if now > deadline:
+                errors += len(backlog) + len(conns) - len(idle) + total - sent
+                break
+            if not in_window and now >= measured_from:
+                in_window = True
+                on_window(0)
+            while sent < total and t0 + sent * interval <= now:
+                backlog.append(t0 + sent * interval)
+                sent += 1
+            while backlog and idle:
+                c = conns[idle.popleft()]
+                c["due"] = backlog.popleft()
+                c["sock"].send(request)
+            for fd, _ in ep.poll(0):
+                c = conns[fd]
+                try:
+                    data = c["sock"].recv(65536)
+                except OSError:
+                    data = b""
+                if not data:  # closed under us: count it, replace the connection
+                    errors += 1
+                    ep.unregister(fd)
+                    c["sock"].close()
+                    del conns[fd]
+                    connect()
+                    continue
+                buf = c["buf"]
+                buf += data
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", buf[:end + 2])
+                if len(buf) < end + 4 + (int(m.group(1)) if m else 0):
+                    continue
+                done_at = time.perf_counter()
+                if c["due"] >= measured_from:
+                    if buf.startswith(b"HTTP/1.1 200"):
+                        lat.append((done_at - c["due"]) * 1000)
+                    else:
+                        non_200 += 1
+                buf.clear()
+                idle.append(fd)
+        on_window(1)
+    finally:
+        gc.enable()
+        for c in conns.values():
+            c["sock"].close()
+        ep.close()
+    return sorted(lat), errors, non_200
+
+
+def measure_fixed_rate(setup, dur, warm):
+    marks = {}
+
+    def on_window(i):
+        marks[i] = (time.perf_counter(), proxies_cpu(setup))
+
+    lat, errors, non_200 = fixed_rate_client(setup.port, dur, warm, on_window)
+    if not lat:
+        raise RuntimeError(f"fixed-rate client against {setup.name} measured nothing")
+    (ta, ca), (tb, cb) = marks[0], marks[1]
+    r = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "p999_ms": pct(lat, 99.9), "max_ms": lat[-1],
+         "requests": len(lat), "achieved_rps": len(lat) / (tb - ta), "failed": errors, "non_200": non_200}
+    if setup.proxies:
+        r["cpu_1k"] = (cb - ca) / len(lat) * 10_000
+    return r
+
+
+def pct(sorted_vals, p):
+    return sorted_vals[min(len(sorted_vals) - 1, max(0, round(p / 100 * len(sorted_vals)) - 1))]
+
+
+def run_wrk(procs, setup, conns, dur, script=None, sample_rss=False):
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{dur}s"] + (["-s", script] if script else [])
+    argv.append(f"http://127.0.0.1:{setup.port}/")
+    name = f"wrk-{setup.name}"
+    cpu0 = proxies_cpu(setup)
+    p = procs.start(name, argv, LOADGEN_CPU)
+    rss = {label: 0.0 for label, _ in setup.proxies}
+    try:
+        deadline = time.monotonic() + dur + 30
+        while p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.25)
+            if sample_rss:
+                for label, pid in setup.proxies:
+                    rss[label] = max(rss[label], rss_mib(pid))
+        if p.poll() is None:
+            raise RuntimeError(f"{name} did not finish")
+    finally:
+        procs.stop(name, p)
+    cpu1 = proxies_cpu(setup)
+    out = (procs.tmp / f"{name}.log").read_text(errors="replace")
+    m = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    if not m:
+        raise RuntimeError(f"wrk against {setup.name} printed no result:\n{out[-800:]}")
+    n, secs = int(m.group(1)), float(m.group(2)) / (1000 if m.group(3) == "ms" else 1)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    r = {"requests": n, "rps": n / secs, "socket_errors": sum(map(int, sock.groups())) if sock else 0,
+         "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+    if setup.proxies:
+        r["cpu_per_10k"] = (cpu1 - cpu0) / max(n, 1) * 10_000
+        if sample_rss:
+            r["rss_mib"] = rss
+    return r
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarize(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
+def fmt(s, digits=3):
+    if s is None:
+        return "-"
+    f = f"{{:,.{digits}f}}"
+    if len({round(s["min"], digits), round(s["max"], digits)}) == 1:
+        return f.format(s["median"])
+    return f"{f.format(s['median'])} ({f.format(s['min'])}-{f.format(s['max'])})"
+
+
+def figures(rounds, setups):
+    """Per setup and figure: median, min, max over rounds (ratios and added latency per round)."""
+    out = {}
+    for s in setups:
+        per = {k: [] for k in ("p50_ms", "p99_ms", "added_p50_ms", "added_p99_ms", "max_rps", "max_ratio",
+                               "close_cps", "close_ratio", "cpu_1k", "cpu_max")}
+        rss = {}
+        for rnd in rounds:
+            me, d = rnd[s.name], rnd["direct"]
+            per["p50_ms"].append(me["fixed"]["p50_ms"])
+            per["p99_ms"].append(me["fixed"]["p99_ms"])
+            per["added_p50_ms"].append(me["fixed"]["p50_ms"] - d["fixed"]["p50_ms"])
+            per["added_p99_ms"].append(me["fixed"]["p99_ms"] - d["fixed"]["p99_ms"])
+            per["max_rps"].append(me["max"]["rps"])
+            per["max_ratio"].append(me["max"]["rps"] / d["max"]["rps"])
+            per["close_cps"].append(me["close"]["rps"])
+            per["close_ratio"].append(me["close"]["rps"] / d["close"]["rps"])
+            per["cpu_1k"].append(me["fixed"].get("cpu_1k"))
+            per["cpu_max"].append(me["max"].get("cpu_per_10k"))
+            for label, _ in s.proxies:
+                rss.setdefault(f"rss_idle_mib/{label}", []).append(me["rss_idle_mib"][label])
+                rss.setdefault(f"rss_64_mib/{label}", []).append(me["max"]["rss_mib"][label])
+        out[s.name] = {k: summarize(v) for k, v in {**per, **rss}.items()}
+        for kind in ("rss_idle_mib", "rss_64_mib"):  # the larger of the pair, per round
+            pairs = [max(vals) for vals in zip(*[v for k, v in rss.items() if k.startswith(kind)])]
+            out[s.name][kind] = summarize(pairs)
+    return out
+
+
+def print_tables(figs, setups):
+    def table(title, cols):
+        rows = [["setup"] + [c[0] for c in cols]]
+        for s in setups:
+            rows.append([s.name] + [fmt(figs[s.name].get(c[1]), c[2]) for c in cols])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        print(f"\n{title}")
+        for i, r in enumerate(rows):
+            print("  " + " | ".join(c.ljust(w) for c, w in zip(r, widths)))
+            if i == 0:
+                print("  " + "-+-".join("-" * w for w in widths))
+
+    table(f"Latency at {RATE:,} rps over {LAT_CONNS} keep-alive connections (ms; median (min-max) over rounds)",
+          [("p50", "p50_ms", 3), ("p99", "p99_ms", 3), ("added p50", "added_p50_ms", 3),
+           ("added p99", "added_p99_ms", 3)])
+    table(f"Throughput (wrk -c{MAX_CONNS} keep-alive; -c{CLOSE_CONNS} with Connection: close)",
+          [("max req/s", "max_rps", 0), ("of direct", "max_ratio", 2), ("new conn/s", "close_cps", 0),
+           ("of direct", "close_ratio", 2)])
+    table("Proxy cost (both proxies together; RSS is the larger of the two processes)",
+          [("CPU-s/10k @1k rps", "cpu_1k", 3), ("CPU-s/10k @max", "cpu_max", 3),
+           ("RSS idle MiB", "rss_idle_mib", 1), ("RSS @64 conns MiB", "rss_64_mib", 1)])
+
+
+def check_targets(fig):
+    results = []
+    for key, label, bound, kind in TARGETS:
+        s = fig.get(key)
+        value = s["median"] if s else None
+        ok = value is not None and (value <= bound if kind == "max" else value >= bound)
+        results.append({"figure": key, "label": label, "target": f"{'<=' if kind == 'max' else '>='} {bound}",
+                        "median": value, "min": s and s["min"], "max": s and s["max"], "met": ok})
+    print("\nmeshlet against its targets (median over rounds)")
+    for r in results:
+        v = "-" if r["median"] is None else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
+        print(f"  {'pass' if r['met'] else 'MISS'}  {r['label']}: {v}, target {r['target']}")
+    return results
+
+
+def meshlet_health(setup, tmp):
+    """What the sidecars counted (requests by status, handshake errors, refusals) and logged."""
+    health = {}
+    for label, port in setup.admin.items():
+        try:
+            text = http_get(port, "/metrics")[1].decode()
+        except OSError as e:
+            health[label] = {"error": str(e)}
+            continue
+        counts = {}
+        for line in text.splitlines():
+            m = re.match(r"(meshlet_(?:requests_total|tls_handshake_errors_total|connections_refused_total|"
+                         r"tcp_connections_total))(\{[^}]*\})? ([\d.e+]+)$", line)
+            if m and float(m.group(3)) > 0:
+                counts[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+        health[label] = {"counters": counts, "rss_now_mib": rss_mib(dict(setup.proxies)[label])}
+    for sa in ("client", "server"):
+        lines = (tmp / f"meshlet-{sa}.log").read_text(errors="replace").splitlines()
+        health[f"{sa} sidecar"]["log_lines"] = len(lines)
+        health[f"{sa} sidecar"]["log_head"] = lines[:5]
+    print("\nmeshlet sidecars after the run")
+    for label, h in health.items():
+        print(f"  {label}: {json.dumps(h.get('counters', h), sort_keys=True)}")
+        for line in h.get("log_head", []):
+            print(f"    log: {line[:200]}")
+    return health
+
+
+def machine_info():
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown")
+    busy = subprocess.run(["pgrep", "-l", "-x", "cargo|rustc"], capture_output=True, text=True).stdout.split()
+    return {"nproc": os.cpu_count(), "cpu_model": model, "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+            "cargo_or_rustc_running": busy[1::2]}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="1 round, short runs: a smoke test (< 60 s)")
+    ap.add_argument("--json", default=str(ROOT / "target" / "mesh-load.json"))
+    ap.add_argument("--bin-dir", default=str(ROOT / "target" / "release"))
+    ap.add_argument("--only", default="", help="comma-separated peers to run (stunnel,haproxy-l4,haproxy-l7)")
+    args = ap.parse_args()
+    rounds = 1 if args.quick else max(1, args.rounds)
+    fixed_s, warm_s, wrk_s = (2, 1, 2) if args.quick else (10, 2, 5)
+    bins = Path(args.bin_dir)
+
+    for tool in ("nginx", "wrk", "openssl", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found: apt-get install -y --no-install-recommends nginx wrk openssl util-linux")
+    for b in ("meshlet-control", "meshlet-proxy", "meshletctl"):
+        if not (bins / b).is_file():
+            sys.exit(f"{bins / b} not found: run `cargo build --release` first")
+    pin = (os.cpu_count() or 1) >= 2
+    if pin:
+        os.sched_setaffinity(0, {int(LOADGEN_CPU)})  # keep this script off the proxies' core
+
+    machine = machine_info()
+    b0, t0 = cpu_times()
+    time.sleep(2)
+    b1, t1 = cpu_times()
+    machine["idle_share_before"] = 1 - (b1 - b0) / max(t1 - t0, 1)
+    print(f"machine: {machine['nproc']} x {machine['cpu_model']}, load average {' '.join(machine['loadavg'])}, "
+          f"idle {machine['idle_share_before']:.0%} before start"
+          + (f", BUSY: {' '.join(machine['cargo_or_rustc_running'])} running" if machine['cargo_or_rustc_running'] else ""))
+    print("pinning: " + (f"load generators on core {LOADGEN_CPU}; nginx, proxies and control plane on core "
+                         f"{SERVER_CPU}" if pin else "none (one core)"))
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    tmp = Path(tempfile.mkdtemp(prefix="mesh-load-"))
+    procs = Procs(tmp, pin)
+    skipped = {}
+    start_busy = cpu_times()
+    try:
+        backend = start_nginx(procs, tmp)
+        setups = [Setup("direct", backend, [], "client -> nginx"),
+                  start_meshlet(procs, tmp, bins, backend)]
+        only = {x for x in args.only.split(",") if x}
+        pki = make_certs(tmp)
+        for name, binary, starter in (("stunnel", "stunnel4", lambda: start_stunnel(procs, tmp, pki, backend)),
+                                      ("haproxy-l4", "haproxy", lambda: start_haproxy(procs, tmp, pki, backend, "tcp")),
+                                      ("haproxy-l7", "haproxy", lambda: start_haproxy(procs, tmp, pki, backend, "http"))):
+            if only and name not in only:
+                skipped[name] = "not in --only"
+            elif not shutil.which(binary) and not (name == "stunnel" and shutil.which("stunnel")):
+                skipped[name] = f"{binary} not installed (apt-get install {binary})"
+            else:
+                setups.append(starter())
+        for name, why in skipped.items():
+            print(f"skipping {name}: {why}")
+        print("setups: " + "; ".join(f"{s.name} on 127.0.0.1:{s.port}" for s in setups))
+
+        all_rounds = []
+        for rnd in range(rounds):
+            order = setups[rnd % len(setups):] + setups[:rnd % len(setups)]  # rotate who goes first
+            res = {s.name: {"rss_idle_mib": {label: rss_mib(pid) for label, pid in s.proxies}} for s in setups}
+            print(f"\nround {rnd + 1}/{rounds}: " + ", ".join(s.name for s in order))
+            for s in order:
+                res[s.name]["fixed"] = measure_fixed_rate(s, fixed_s, warm_s)
+                time.sleep(0.5)
+            for s in order:
+                res[s.name]["max"] = run_wrk(procs, s, MAX_CONNS, wrk_s, sample_rss=True)
+                time.sleep(0.5)
+            for s in order:
+                res[s.name]["close"] = run_wrk(procs, s, CLOSE_CONNS, wrk_s, script=str(write_close_lua(tmp)))
+                time.sleep(1.0)  # let TIME_WAIT sockets and handshakes settle
+            for s in setups:
+                f, m, c = res[s.name]["fixed"], res[s.name]["max"], res[s.name]["close"]
+                errs = f["failed"] + f["non_200"] + m["socket_errors"] + m["non_2xx"] + c["socket_errors"] + c["non_2xx"]
+                print(f"  {s.name:11s} p50 {f['p50_ms']:.3f} p99 {f['p99_ms']:.3f} ms at {f['achieved_rps']:.0f} rps"
+                      f" | max {m['rps']:,.0f} req/s | close {c['rps']:,.0f} conn/s"
+                      + (f" | ERRORS {errs}" if errs else ""))
+            all_rounds.append(res)
+
+        figs = figures(all_rounds, setups)
+        print_tables(figs, setups)
+        targets = check_targets(figs["meshlet"])
+        health = meshlet_health(setups[1], tmp)
+    except BaseException:
+        print(f"logs of every process are kept in {tmp}", file=sys.stderr)
+        raise
+    finally:
+        procs.stop_all()
+    end_busy = cpu_times()
+    ours = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+    wall_cpu = (end_busy[1] - start_busy[1]) / TICKS
+    machine["foreign_cpu_share"] = max(0.0, ((end_busy[0] - start_busy[0]) / TICKS - ours) / max(wall_cpu, 1e-9))
+    machine["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"\nmachine during the run: {machine['foreign_cpu_share']:.1%} of all CPU time went to processes this "
+          f"harness did not start; load average at the end {' '.join(machine['loadavg_end'])}")
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine, "pinned": pin, "skipped": skipped,
+              "config": {"rounds": rounds, "quick": args.quick, "fixed_rate_rps": RATE, "fixed_conns": LAT_CONNS,
+                         "fixed_seconds": fixed_s, "warmup_seconds": warm_s, "wrk_seconds": wrk_s,
+                         "max_conns": MAX_CONNS, "close_conns": CLOSE_CONNS, "body_bytes": len(BODY)},
+              "setups": {s.name: {"port": s.port, "proxies": [p for p, _ in s.proxies], "note": s.note}
+                         for s in setups},
+              "rounds": all_rounds, "figures": figs, "targets": targets, "meshlet_health": health}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def on_sigterm(*_):
+    raise KeyboardInterrupt
+
+
+def write_close_lua(tmp):
+    path = tmp / "close.lua"
+    path.write_text('wrk.headers["Connection"] = "close"\n')
+    return path
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; every process started was stopped")
