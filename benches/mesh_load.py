@@ -5,8 +5,8 @@ sidecar pair (mutual TLS) and through peer proxies (stunnel, HAProxy L4 and L7),
     python3 benches/mesh_load.py [--rounds 3] [--quick] [--json target/mesh-load.json]
 
 Needs nginx and wrk (Debian: nginx wrk); stunnel4 and haproxy are optional peers. The
-fixed-rate latency test uses its own open-loop client (below), not a separate tool. Needs target/release/meshlet-{control,proxy} and meshletctl
-(`cargo build --release`). Every process it starts is stopped at the end, also on error or
+fixed-rate latency test uses its own open-loop client (fixed_rate_client). Needs
+target/release/meshlet-control, meshlet-proxy and meshletctl (`cargo build --release`). Every process it starts is stopped at the end, also on error or
 Ctrl-C. See benches/README.md for what each figure means.
 """
 import argparse
@@ -39,7 +39,6 @@ CLOSE_CONNS = 16  # wrk connections for the one-connection-per-request test
 SERVER_ID = "spiffe://cluster.local/ns/bench/sa/server"
 LOADGEN_CPU, SERVER_CPU = "1", "0"
 TICKS = os.sysconf("SC_CLK_TCK")
-MIB = 1024 * 1024
 
 # (key, label, bound, "max" = value must be at most bound / "min" = at least)
 TARGETS = [
@@ -49,7 +48,7 @@ TARGETS = [
     ("cpu_max", "CPU-s per 10k requests at max load (both sidecars)", 0.75, "max"),
     ("max_ratio", "max keep-alive rps, share of direct", 0.35, "min"),
     ("close_ratio", "new connections/s, share of direct", 0.45, "min"),
-    ("rss_idle_mib", "RSS per sidecar idle (MiB, larger of the two)", 6, "max"),
+    ("rss_idle_mib", "RSS per sidecar idle after load (MiB, larger of the two)", 6, "max"),
     ("rss_64_mib", "RSS per sidecar at 64 connections (MiB, larger)", 10, "max"),
 ]
 
@@ -73,17 +72,6 @@ class Procs:
         self.live.append((name, p))
         return p
 
-    def run(self, name, argv, timeout, cpu=LOADGEN_CPU):
-        """Runs a load generator to completion (bounded by `timeout`); returns its output."""
-        p = self.start(name, argv, cpu)
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{name} did not finish within {timeout:.0f} s")
-        finally:
-            self.stop(name, p)
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
-
     def stop(self, name, p, grace=5.0):
         if p.poll() is None:
             for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -105,11 +93,10 @@ class Procs:
 
 
 def free_ports(n):
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
+    """n distinct free loopback ports (bound together, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
         s.bind(("127.0.0.1", 0))
-        socks.append(s)
     ports = [s.getsockname()[1] for s in socks]
     for s in socks:
         s.close()
@@ -125,7 +112,7 @@ def wait_until(what, check, timeout=30.0, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+            raise RuntimeError(f"{what}: process exited with {proc.returncode} (see its log)")
         try:
             if check():
                 return
@@ -459,36 +446,31 @@ def fmt(s, digits=3):
     return f"{f.format(s['median'])} ({f.format(s['min'])}-{f.format(s['max'])})"
 
 
-def figures(rounds, setups):
-    """Per setup and figure: median, min, max over rounds (ratios and added latency per round)."""
-    out = {}
-    for s in setups:
-        per = {k: [] for k in ("p50_ms", "p99_ms", "added_p50_ms", "added_p99_ms", "max_rps", "max_ratio",
-                               "close_cps", "close_ratio", "cpu_1k", "cpu_max")}
-        rss = {}
-        for rnd in rounds:
-            me, d = rnd[s.name], rnd["direct"]
-            per["p50_ms"].append(me["fixed"]["p50_ms"])
-            per["p99_ms"].append(me["fixed"]["p99_ms"])
-            per["added_p50_ms"].append(me["fixed"]["p50_ms"] - d["fixed"]["p50_ms"])
-            per["added_p99_ms"].append(me["fixed"]["p99_ms"] - d["fixed"]["p99_ms"])
-            per["max_rps"].append(me["max"]["rps"])
-            per["max_ratio"].append(me["max"]["rps"] / d["max"]["rps"])
-            per["close_cps"].append(me["close"]["rps"])
-            per["close_ratio"].append(me["close"]["rps"] / d["close"]["rps"])
-            per["cpu_1k"].append(me["fixed"].get("cpu_1k"))
-            per["cpu_max"].append(me["max"].get("cpu_per_10k"))
-            for label, _ in s.proxies:
-                rss.setdefault(f"rss_idle_mib/{label}", []).append(me["rss_idle_mib"][label])
-                rss.setdefault(f"rss_64_mib/{label}", []).append(me["max"]["rss_mib"][label])
-        out[s.name] = {k: summarize(v) for k, v in {**per, **rss}.items()}
-        for kind in ("rss_idle_mib", "rss_64_mib"):  # the larger of the pair, per round
-            pairs = [max(vals) for vals in zip(*[v for k, v in rss.items() if k.startswith(kind)])]
-            out[s.name][kind] = summarize(pairs)
+def per_round(res, direct):
+    """The figures of one setup in one round; ratios and added latency against direct's same round."""
+    f, m, c = res["fixed"], res["max"], res["close"]
+    out = {"p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"], "added_p50_ms": f["p50_ms"] - direct["fixed"]["p50_ms"],
+           "added_p99_ms": f["p99_ms"] - direct["fixed"]["p99_ms"], "max_rps": m["rps"],
+           "max_ratio": m["rps"] / direct["max"]["rps"], "close_cps": c["rps"],
+           "close_ratio": c["rps"] / direct["close"]["rps"], "cpu_1k": f.get("cpu_1k"),
+           "cpu_max": m.get("cpu_per_10k"), "cpu_close": c.get("cpu_per_10k")}
+    for kind, rss in (("rss_idle_mib", res.get("rss_idle_mib")), ("rss_64_mib", m.get("rss_mib"))):
+        if rss:  # per process, and the larger of the pair (what the per-sidecar target is judged on)
+            out.update({f"{kind}/{label}": v for label, v in rss.items()})
+            out[kind] = max(rss.values())
     return out
 
 
-def print_tables(figs, setups):
+def figures(rounds, setups):
+    """Per setup and figure: median, min and max over the rounds."""
+    out = {}
+    for s in setups:
+        rows = [per_round(rnd[s.name], rnd["direct"]) for rnd in rounds]
+        out[s.name] = {k: summarize([r.get(k) for r in rows]) for k in rows[0]}
+    return out
+
+
+def print_tables(figs, setups, fresh):
     def table(title, cols):
         rows = [["setup"] + [c[0] for c in cols]]
         for s in setups:
@@ -496,19 +478,22 @@ def print_tables(figs, setups):
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         print(f"\n{title}")
         for i, r in enumerate(rows):
-            print("  " + " | ".join(c.ljust(w) for c, w in zip(r, widths)))
+            print("  " + " | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
             if i == 0:
                 print("  " + "-+-".join("-" * w for w in widths))
 
-    table(f"Latency at {RATE:,} rps over {LAT_CONNS} keep-alive connections (ms; median (min-max) over rounds)",
+    table(f"Latency at {RATE:,} rps, open loop over {LAT_CONNS} keep-alive connections "
+          "(ms; median (min-max) over rounds)",
           [("p50", "p50_ms", 3), ("p99", "p99_ms", 3), ("added p50", "added_p50_ms", 3),
            ("added p99", "added_p99_ms", 3)])
-    table(f"Throughput (wrk -c{MAX_CONNS} keep-alive; -c{CLOSE_CONNS} with Connection: close)",
+    table(f"Throughput (wrk -t1 -c{MAX_CONNS} keep-alive; wrk -t1 -c{CLOSE_CONNS} with Connection: close)",
           [("max req/s", "max_rps", 0), ("of direct", "max_ratio", 2), ("new conn/s", "close_cps", 0),
            ("of direct", "close_ratio", 2)])
-    table("Proxy cost (both proxies together; RSS is the larger of the two processes)",
-          [("CPU-s/10k @1k rps", "cpu_1k", 3), ("CPU-s/10k @max", "cpu_max", 3),
+    table("Proxy cost (CPU: both proxies, CPU-s per 10k requests or connections; RSS: the larger process)",
+          [("@1k rps", "cpu_1k", 3), ("@max", "cpu_max", 3), ("per 10k conns", "cpu_close", 2),
            ("RSS idle MiB", "rss_idle_mib", 1), ("RSS @64 conns MiB", "rss_64_mib", 1)])
+    print("  RSS idle is taken after each round's load; RSS at start, before any load: "
+          + "; ".join(f"{name} {' / '.join(f'{v:.1f}' for v in rss.values())}" for name, rss in fresh.items() if rss))
 
 
 def check_targets(fig):
@@ -519,36 +504,39 @@ def check_targets(fig):
         ok = value is not None and (value <= bound if kind == "max" else value >= bound)
         results.append({"figure": key, "label": label, "target": f"{'<=' if kind == 'max' else '>='} {bound}",
                         "median": value, "min": s and s["min"], "max": s and s["max"], "met": ok})
-    print("\nmeshlet against its targets (median over rounds)")
+    print("\nmeshlet against its targets (median (min-max) over rounds)")
     for r in results:
         v = "-" if r["median"] is None else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
         print(f"  {'pass' if r['met'] else 'MISS'}  {r['label']}: {v}, target {r['target']}")
     return results
 
 
+def mem_detail(pid):
+    keep = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads")
+    lines = [line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()]
+    return {k: v.strip() for k, v in lines if k in keep}
+
+
 def meshlet_health(setup, tmp):
     """What the sidecars counted (requests by status, handshake errors, refusals) and logged."""
     health = {}
-    for label, port in setup.admin.items():
+    for label, pid in setup.proxies:
+        h = health[label] = {"memory": mem_detail(pid)}
         try:
-            text = http_get(port, "/metrics")[1].decode()
+            text = http_get(setup.admin[label], "/metrics")[1].decode()
         except OSError as e:
-            health[label] = {"error": str(e)}
+            h["metrics_error"] = str(e)
             continue
-        counts = {}
-        for line in text.splitlines():
-            m = re.match(r"(meshlet_(?:requests_total|tls_handshake_errors_total|connections_refused_total|"
-                         r"tcp_connections_total))(\{[^}]*\})? ([\d.e+]+)$", line)
-            if m and float(m.group(3)) > 0:
-                counts[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-        health[label] = {"counters": counts, "rss_now_mib": rss_mib(dict(setup.proxies)[label])}
-    for sa in ("client", "server"):
-        lines = (tmp / f"meshlet-{sa}.log").read_text(errors="replace").splitlines()
-        health[f"{sa} sidecar"]["log_lines"] = len(lines)
-        health[f"{sa} sidecar"]["log_head"] = lines[:5]
-    print("\nmeshlet sidecars after the run")
+        pattern = (r"(meshlet_(?:requests_total|tls_handshake_errors_total|connections_refused_total|"
+                   r"tcp_connections_total)(?:\{[^}]*\})?) ([\d.e+]+)$")
+        h["counters"] = {m.group(1): float(m.group(2)) for m in map(lambda x: re.match(pattern, x),
+                                                                     text.splitlines()) if m and float(m.group(2))}
+        lines = (tmp / f"meshlet-{label.split()[0]}.log").read_text(errors="replace").splitlines()
+        h["log_lines"], h["log_head"] = len(lines), lines[:5]
+    print("\nmeshlet sidecars after the run (counters > 0, memory, warnings logged)")
     for label, h in health.items():
-        print(f"  {label}: {json.dumps(h.get('counters', h), sort_keys=True)}")
+        print(f"  {label}: {json.dumps(h.get('counters'), sort_keys=True)}")
+        print(f"    memory: {h['memory']}; {h.get('log_lines', 0)} log lines")
         for line in h.get("log_head", []):
             print(f"    log: {line[:200]}")
     return health
@@ -557,12 +545,60 @@ def meshlet_health(setup, tmp):
 def machine_info():
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown")
-    busy = subprocess.run(["pgrep", "-l", "-x", "cargo|rustc"], capture_output=True, text=True).stdout.split()
     return {"nproc": os.cpu_count(), "cpu_model": model, "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-            "cargo_or_rustc_running": busy[1::2]}
+            "cargo_or_rustc_running": builds_running()}
 
 
-# ---------------------------------------------------------------- main
+def builds_running():
+    out = subprocess.run(["pgrep", "-l", "-x", "cargo|rustc"], capture_output=True, text=True).stdout.split()
+    return sorted(set(out[1::2]))
+
+
+def start_setups(procs, tmp, bins, only):
+    backend = start_nginx(procs, tmp)
+    setups = [Setup("direct", backend, [], "client -> nginx"), start_meshlet(procs, tmp, bins, backend)]
+    pki, skipped = make_certs(tmp), {}
+    peers = (("stunnel", "stunnel4", lambda: start_stunnel(procs, tmp, pki, backend)),
+             ("haproxy-l4", "haproxy", lambda: start_haproxy(procs, tmp, pki, backend, "tcp")),
+             ("haproxy-l7", "haproxy", lambda: start_haproxy(procs, tmp, pki, backend, "http")))
+    for name, binary, starter in peers:
+        if only and name not in only:
+            skipped[name] = "not in --only"
+        elif not shutil.which(binary):
+            skipped[name] = f"{binary} not installed (apt-get install {binary})"
+        else:
+            setups.append(starter())
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}")
+    print("setups: " + "; ".join(f"{s.name} on 127.0.0.1:{s.port}" for s in setups))
+    return setups, skipped
+
+
+def run_round(procs, tmp, setups, rnd, rounds, fixed_s, warm_s, wrk_s):
+    """Each test for every setup in turn (the order rotates per round), so setups interleave."""
+    order = setups[rnd % len(setups):] + setups[:rnd % len(setups)]
+    res = {s.name: {} for s in setups}
+    print(f"\nround {rnd + 1}/{rounds}: " + ", ".join(s.name for s in order))
+    for s in order:
+        res[s.name]["fixed"] = measure_fixed_rate(s, fixed_s, warm_s)
+        time.sleep(0.5)
+    for s in order:
+        res[s.name]["max"] = run_wrk(procs, s, MAX_CONNS, wrk_s, sample_rss=True)
+        time.sleep(0.5)
+    for s in order:
+        res[s.name]["close"] = run_wrk(procs, s, CLOSE_CONNS, wrk_s, script=str(write_close_lua(tmp)))
+        time.sleep(1.0)  # let TIME_WAIT sockets and handshakes settle
+    time.sleep(1.0)
+    for s in setups:
+        res[s.name]["rss_idle_mib"] = {label: rss_mib(pid) for label, pid in s.proxies}
+        f, m, c = res[s.name]["fixed"], res[s.name]["max"], res[s.name]["close"]
+        errs = f["failed"] + f["non_200"] + m["socket_errors"] + m["non_2xx"] + c["socket_errors"] + c["non_2xx"]
+        print(f"  {s.name:11s} p50 {f['p50_ms']:.3f} p99 {f['p99_ms']:.3f} ms at {f['achieved_rps']:.0f} rps"
+              f" | max {m['rps']:,.0f} req/s | close {c['rps']:,.0f} conn/s" + (f" | ERRORS {errs}" if errs else ""))
+    res["builds_running"] = builds_running()
+    if res["builds_running"]:
+        print(f"  note: {', '.join(res['builds_running'])} ran during this round")
+    return res
 
 
 def main():
@@ -576,7 +612,6 @@ def main():
     rounds = 1 if args.quick else max(1, args.rounds)
     fixed_s, warm_s, wrk_s = (2, 1, 2) if args.quick else (10, 2, 5)
     bins = Path(args.bin_dir)
-
     for tool in ("nginx", "wrk", "openssl", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found: apt-get install -y --no-install-recommends nginx wrk openssl util-linux")
@@ -593,61 +628,25 @@ def main():
     b1, t1 = cpu_times()
     machine["idle_share_before"] = 1 - (b1 - b0) / max(t1 - t0, 1)
     print(f"machine: {machine['nproc']} x {machine['cpu_model']}, load average {' '.join(machine['loadavg'])}, "
-          f"idle {machine['idle_share_before']:.0%} before start"
-          + (f", BUSY: {' '.join(machine['cargo_or_rustc_running'])} running" if machine['cargo_or_rustc_running'] else ""))
+          f"{machine['idle_share_before']:.0%} idle in the 2 s before start"
+          + (f"; BUSY: {', '.join(machine['cargo_or_rustc_running'])} running" if machine["cargo_or_rustc_running"] else ""))
     print("pinning: " + (f"load generators on core {LOADGEN_CPU}; nginx, proxies and control plane on core "
                          f"{SERVER_CPU}" if pin else "none (one core)"))
 
     signal.signal(signal.SIGTERM, on_sigterm)
     tmp = Path(tempfile.mkdtemp(prefix="mesh-load-"))
     procs = Procs(tmp, pin)
-    skipped = {}
     start_busy = cpu_times()
     try:
-        backend = start_nginx(procs, tmp)
-        setups = [Setup("direct", backend, [], "client -> nginx"),
-                  start_meshlet(procs, tmp, bins, backend)]
-        only = {x for x in args.only.split(",") if x}
-        pki = make_certs(tmp)
-        for name, binary, starter in (("stunnel", "stunnel4", lambda: start_stunnel(procs, tmp, pki, backend)),
-                                      ("haproxy-l4", "haproxy", lambda: start_haproxy(procs, tmp, pki, backend, "tcp")),
-                                      ("haproxy-l7", "haproxy", lambda: start_haproxy(procs, tmp, pki, backend, "http"))):
-            if only and name not in only:
-                skipped[name] = "not in --only"
-            elif not shutil.which(binary) and not (name == "stunnel" and shutil.which("stunnel")):
-                skipped[name] = f"{binary} not installed (apt-get install {binary})"
-            else:
-                setups.append(starter())
-        for name, why in skipped.items():
-            print(f"skipping {name}: {why}")
-        print("setups: " + "; ".join(f"{s.name} on 127.0.0.1:{s.port}" for s in setups))
-
-        all_rounds = []
-        for rnd in range(rounds):
-            order = setups[rnd % len(setups):] + setups[:rnd % len(setups)]  # rotate who goes first
-            res = {s.name: {"rss_idle_mib": {label: rss_mib(pid) for label, pid in s.proxies}} for s in setups}
-            print(f"\nround {rnd + 1}/{rounds}: " + ", ".join(s.name for s in order))
-            for s in order:
-                res[s.name]["fixed"] = measure_fixed_rate(s, fixed_s, warm_s)
-                time.sleep(0.5)
-            for s in order:
-                res[s.name]["max"] = run_wrk(procs, s, MAX_CONNS, wrk_s, sample_rss=True)
-                time.sleep(0.5)
-            for s in order:
-                res[s.name]["close"] = run_wrk(procs, s, CLOSE_CONNS, wrk_s, script=str(write_close_lua(tmp)))
-                time.sleep(1.0)  # let TIME_WAIT sockets and handshakes settle
-            for s in setups:
-                f, m, c = res[s.name]["fixed"], res[s.name]["max"], res[s.name]["close"]
-                errs = f["failed"] + f["non_200"] + m["socket_errors"] + m["non_2xx"] + c["socket_errors"] + c["non_2xx"]
-                print(f"  {s.name:11s} p50 {f['p50_ms']:.3f} p99 {f['p99_ms']:.3f} ms at {f['achieved_rps']:.0f} rps"
-                      f" | max {m['rps']:,.0f} req/s | close {c['rps']:,.0f} conn/s"
-                      + (f" | ERRORS {errs}" if errs else ""))
-            all_rounds.append(res)
-
+        setups, skipped = start_setups(procs, tmp, bins, {x for x in args.only.split(",") if x})
+        fresh = {s.name: {label: rss_mib(pid) for label, pid in s.proxies} for s in setups}
+        fresh_detail = {label: mem_detail(pid) for label, pid in setups[1].proxies}
+        all_rounds = [run_round(procs, tmp, setups, r, rounds, fixed_s, warm_s, wrk_s) for r in range(rounds)]
         figs = figures(all_rounds, setups)
-        print_tables(figs, setups)
+        print_tables(figs, setups, fresh)
         targets = check_targets(figs["meshlet"])
         health = meshlet_health(setups[1], tmp)
+        health["memory_at_start"] = fresh_detail
     except BaseException:
         print(f"logs of every process are kept in {tmp}", file=sys.stderr)
         raise
@@ -656,13 +655,13 @@ def main():
     end_busy = cpu_times()
     ours = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                for f in ("ru_utime", "ru_stime"))
-    wall_cpu = (end_busy[1] - start_busy[1]) / TICKS
-    machine["foreign_cpu_share"] = max(0.0, ((end_busy[0] - start_busy[0]) / TICKS - ours) / max(wall_cpu, 1e-9))
+    all_cpu = (end_busy[1] - start_busy[1]) / TICKS
+    machine["foreign_cpu_share"] = max(0.0, ((end_busy[0] - start_busy[0]) / TICKS - ours) / max(all_cpu, 1e-9))
     machine["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     print(f"\nmachine during the run: {machine['foreign_cpu_share']:.1%} of all CPU time went to processes this "
           f"harness did not start; load average at the end {' '.join(machine['loadavg_end'])}")
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine, "pinned": pin, "skipped": skipped,
+              "machine": machine, "pinned": pin, "skipped": skipped, "rss_at_start_mib": fresh,
               "config": {"rounds": rounds, "quick": args.quick, "fixed_rate_rps": RATE, "fixed_conns": LAT_CONNS,
                          "fixed_seconds": fixed_s, "warmup_seconds": warm_s, "wrk_seconds": wrk_s,
                          "max_conns": MAX_CONNS, "close_conns": CLOSE_CONNS, "body_bytes": len(BODY)},
