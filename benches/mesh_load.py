@@ -307,6 +307,13 @@ def fixed_rate_client(port, seconds, warmup, on_window):
         conns[s.fileno()] = {"sock": s, "due": None, "buf": bytearray()}
         idle.append(s.fileno())
 
+    def replace(fd):
+        ep.unregister(fd)
+        conns.pop(fd)["sock"].close()
+        if fd in idle:
+            idle.remove(fd)
+        connect()
+
     for _ in range(LAT_CONNS):
         connect()
     interval, total = 1 / RATE, int((seconds + warmup) * RATE)
@@ -330,9 +337,13 @@ def fixed_rate_client(port, seconds, warmup, on_window):
                 backlog.append(t0 + sent * interval)
                 sent += 1
             while backlog and idle:
-                c = conns[idle.popleft()]
-                c["due"] = backlog.popleft()
-                c["sock"].send(request)
+                fd = idle.popleft()
+                conns[fd]["due"] = backlog.popleft()
+                try:
+                    conns[fd]["sock"].send(request)
+                except OSError:
+                    errors += 1
+                    replace(fd)
             for fd, _ in ep.poll(0):
                 c = conns[fd]
                 try:
@@ -341,10 +352,7 @@ def fixed_rate_client(port, seconds, warmup, on_window):
                     data = b""
                 if not data:  # closed under us: count it, replace the connection
                     errors += 1
-                    ep.unregister(fd)
-                    c["sock"].close()
-                    del conns[fd]
-                    connect()
+                    replace(fd)
                     continue
                 buf = c["buf"]
                 buf += data
@@ -578,6 +586,7 @@ def run_round(procs, tmp, setups, rnd, rounds, fixed_s, warm_s, wrk_s):
     """Each test for every setup in turn (the order rotates per round), so setups interleave."""
     order = setups[rnd % len(setups):] + setups[:rnd % len(setups)]
     res = {s.name: {} for s in setups}
+    busy = builds_running()
     print(f"\nround {rnd + 1}/{rounds}: " + ", ".join(s.name for s in order))
     for s in order:
         res[s.name]["fixed"] = measure_fixed_rate(s, fixed_s, warm_s)
@@ -591,11 +600,12 @@ def run_round(procs, tmp, setups, rnd, rounds, fixed_s, warm_s, wrk_s):
     time.sleep(1.0)
     for s in setups:
         res[s.name]["rss_idle_mib"] = {label: rss_mib(pid) for label, pid in s.proxies}
+        res[s.name]["memory_idle"] = {label: mem_detail(pid) for label, pid in s.proxies}
         f, m, c = res[s.name]["fixed"], res[s.name]["max"], res[s.name]["close"]
         errs = f["failed"] + f["non_200"] + m["socket_errors"] + m["non_2xx"] + c["socket_errors"] + c["non_2xx"]
         print(f"  {s.name:11s} p50 {f['p50_ms']:.3f} p99 {f['p99_ms']:.3f} ms at {f['achieved_rps']:.0f} rps"
               f" | max {m['rps']:,.0f} req/s | close {c['rps']:,.0f} conn/s" + (f" | ERRORS {errs}" if errs else ""))
-    res["builds_running"] = builds_running()
+    res["builds_running"] = sorted(set(busy + builds_running()))
     if res["builds_running"]:
         print(f"  note: {', '.join(res['builds_running'])} ran during this round")
     return res

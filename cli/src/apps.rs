@@ -66,6 +66,25 @@ impl HttpClient {
         self.send(http::Method::GET, path, None).await
     }
 
+    /// GETs `path` as part of the trace `traceparent` names: (status, body).
+    pub(crate) async fn get_traced(
+        &mut self,
+        path: &str,
+        traceparent: &str,
+    ) -> anyhow::Result<(u16, String)> {
+        let req = http::Request::get(path)
+            .header(http::header::HOST, "orders.demo:8080")
+            .header("traceparent", traceparent)
+            .body(Full::new(Bytes::new()))?;
+        self.sender.ready().await?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.sender.send_request(req))
+            .await
+            .context("no answer within 10 s")??;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
     /// Sends a bodiless request, with a bearer token when given: (status, body).
     pub(crate) async fn send(
         &mut self,

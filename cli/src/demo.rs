@@ -214,6 +214,7 @@ async fn sidecar(
         sniff_timeout: Duration::from_millis(300),
         discovery_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(5),
+        tracing: meshlet_telemetry::traces::TraceConfig::from_env(|k| std::env::var(k).ok())?,
     };
     let listeners = meshlet_proxy::Listeners::bind(&config).await?;
     let stop = stop.clone();
@@ -274,9 +275,13 @@ async fn traffic(
 
     println!("\n3. HTTP: frontend app -> frontend sidecar =mTLS=> orders sidecar -> orders app");
     let mut client = apps::HttpClient::connect(frontend.route_addrs[0]).await?;
+    let mut traces = Vec::new();
     for path in ["/orders/1", "/orders/2", "/health"] {
-        let (status, body) = client.get(path).await?;
-        println!("  GET {path} -> {status} {body:?}");
+        let trace_id = random_hex(16);
+        let traceparent = format!("00-{trace_id}-{}-01", random_hex(8));
+        let (status, body) = client.get_traced(path, &traceparent).await?;
+        println!("  GET {path} -> {status} {body:?}  (trace {trace_id})");
+        traces.push(trace_id);
         check(
             &format!("GET {path} answered by the orders app"),
             status == 200 && body == format!("orders: GET {path}"),
@@ -328,6 +333,8 @@ async fn traffic(
         .all(|e| e.tls.as_ref().is_some_and(|t| t.version == "TLSv1_3"));
     check("every hop between sidecars was TLS 1.3", all_tls13)?;
 
+    report_traces(frontend, &traces).await?;
+
     println!("\n6. what must not work");
     let plain = apps::echo(orders.inbound_addr, b"GET / HTTP/1.1\r\n\r\n")
         .await
@@ -369,4 +376,53 @@ pub(crate) async fn admin_get(addr: std::net::SocketAddr, path: &str) -> anyhow:
     let (status, body) = client.get(path).await?;
     ensure!(status == 200, "GET {path}: {status} {body}");
     Ok(body)
+}
+
+/// Says where the spans of `traces` went: exported, failed (no collector), or tracing off.
+async fn report_traces(frontend: &meshlet_proxy::Running, traces: &[String]) -> anyhow::Result<()> {
+    println!(
+        "\n   traces (a CLIENT span in frontend's sidecar, its SERVER child in orders'): {}",
+        traces.join(", ")
+    );
+    let Some(config) = meshlet_telemetry::traces::TraceConfig::from_env(|k| std::env::var(k).ok())?
+    else {
+        println!("   tracing is off (OTEL_SDK_DISABLED=true)");
+        return Ok(());
+    };
+    let protocol = match config.protocol {
+        meshlet_telemetry::traces::OtlpProtocol::Grpc => "OTLP gRPC",
+        meshlet_telemetry::traces::OtlpProtocol::HttpProtobuf => "OTLP HTTP/protobuf",
+    };
+    // Spans leave in batches within ~200 ms; wait for the frontend's outcome (at most 3 s).
+    let counters = &frontend.metrics.traces;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while counters.exported.get() + counters.export_failures.get() < traces.len() as u64
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match (counters.exported.get(), counters.export_failures.get()) {
+        (0, 0) => println!(
+            "   spans are still queued for {} ({protocol})",
+            config.endpoint
+        ),
+        (ok, 0) => println!(
+            "   {ok} spans exported to {} ({protocol}): open Jaeger and search for these trace IDs",
+            config.endpoint
+        ),
+        (_, failed) => println!(
+            "   {failed} spans could not be exported to {} ({protocol}): no collector there? Set OTEL_EXPORTER_OTLP_ENDPOINT (README: Tracing)",
+            config.endpoint
+        ),
+    }
+    Ok(())
+}
+
+/// `n` random bytes as lowercase hex.
+fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    let _ = rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

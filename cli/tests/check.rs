@@ -1,6 +1,6 @@
 //! `meshletctl check` and `certs` against a real control plane: exit 0 only when all is
 //! well; non-zero with what to do when the control plane is unreachable, or a workload's
-//! certificate is overdue, expiring or expired (6 s certificates make each happen), or a
+//! certificate is overdue, expiring or expired (20 s certificates make each happen), or a
 //! root or the intermediate is expiring.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -109,7 +109,7 @@ async fn check_fails_loudly_for_each_unhealthy_case() {
     let dir = tempfile::tempdir().unwrap();
     let (running, stop) = start(
         dir.path(),
-        Duration::from_secs(6),
+        Duration::from_secs(20),
         Duration::from_secs(86_400),
     )
     .await;
@@ -124,11 +124,12 @@ async fn check_fails_loudly_for_each_unhealthy_case() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("✓") && out.contains("1 workload"), "{out}");
 
-    // 6 s certificates that nobody renews: overdue after 60%, expiring with 25% left, expired.
+    // 20 s certificates that nobody renews: overdue after 60% (12 s), expiring with 25% left
+    // (15 s), expired (20 s); each check sits well inside its window, even on a busy machine.
     for (at, want) in [
-        (4.0, "renewal is overdue"),
-        (5.1, "was not renewed"),
-        (6.5, "certificate expired"),
+        (13.5, "renewal is overdue"),
+        (17.5, "was not renewed"),
+        (20.8, "certificate expired"),
     ] {
         tokio::time::sleep_until(issued + Duration::from_secs_f64(at)).await;
         let (code, out) = check();

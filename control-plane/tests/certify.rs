@@ -422,43 +422,6 @@ async fn restart_keeps_the_ca() {
     cp.stop().await;
 }
 
-/// Runs `promtool check metrics` on `text`. Returns None (after saying why) when promtool is
-/// missing and the run does not require it (`MESHLET_REQUIRE_TOOLS=1` makes it required).
-fn promtool_check(text: &str) -> Option<(bool, String)> {
-    use std::io::Write;
-    let child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) if std::env::var("MESHLET_REQUIRE_TOOLS").as_deref() == Ok("1") => {
-            panic!("promtool is required: {e}")
-        }
-        Err(e) => {
-            eprintln!(
-                "SKIPPED: promtool not available ({e}); install Debian's `prometheus` package"
-            );
-            return None;
-        }
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some((out.status.success() && report.trim().is_empty(), report))
-}
-
 #[tokio::test]
 async fn metrics_pass_promtool() {
     let cp = ControlPlane::start().await;
@@ -491,7 +454,7 @@ async fn metrics_pass_promtool() {
         text.contains("meshlet_csr_rejected_total{reason=\"csr_malformed\"} 1"),
         "{text}"
     );
-    if let Some((clean, report)) = promtool_check(&text) {
+    if let Some((clean, report)) = meshlet_telemetry::promtool::check(&text) {
         assert!(
             clean,
             "promtool check metrics reported:\n{report}\non:\n{text}"

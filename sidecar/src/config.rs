@@ -82,6 +82,9 @@ pub struct RunArgs {
     /// Limit for connecting to a destination and for a TLS handshake.
     #[arg(long, env = "MESHLET_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// Tracing, from the standard `OTEL_*` variables (read in `main`; None: off).
+    #[arg(skip)]
+    pub tracing: Option<meshlet_telemetry::traces::TraceConfig>,
 }
 
 /// An explicit-mode outbound route.

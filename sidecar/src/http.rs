@@ -20,6 +20,7 @@ use tokio::sync::Mutex;
 use crate::detect::Protocol;
 use crate::metrics::{DirectionLabels, RequestLabels};
 use crate::relay::RelayCtx;
+use crate::trace;
 
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -132,6 +133,11 @@ async fn forward(
     ctx: &RelayCtx,
 ) -> Response<Body> {
     let started = Instant::now();
+    let peer = ctx.tls.as_ref().map(|t| t.peer.as_str());
+    let span = ctx
+        .tracer
+        .as_ref()
+        .map(|t| trace::start_request(t, ctx.direction, &mut req, peer));
     let wants_upgrade = req.headers().contains_key(http::header::UPGRADE);
     let downstream_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let response = match upstream.send(req).await {
@@ -159,6 +165,9 @@ async fn forward(
             resp
         }
     };
+    if let Some(span) = span {
+        span.finish(response.status().as_u16());
+    }
     let direction = ctx.direction;
     ctx.metrics
         .requests

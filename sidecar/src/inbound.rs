@@ -104,6 +104,7 @@ pub struct Inbound {
     pub handshake_timeout: Duration,
     pub sniff_timeout: Duration,
     pub drain: CancellationToken,
+    pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 impl Inbound {
@@ -192,6 +193,7 @@ impl Inbound {
             tls,
             sniff_timeout: self.sniff_timeout,
             drain: self.drain.clone(),
+            tracer: self.tracer.clone(),
         }
     }
 }

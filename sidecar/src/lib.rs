@@ -11,6 +11,7 @@
 //! - [`detect`]: ClientHello/ALPN and HTTP detection on first bytes; [`io`]: replay, sniff.
 //! - [`init`]: the iptables capture rules (`meshlet-proxy init`); [`orig_dst`]: SO_ORIGINAL_DST.
 //! - [`admin`]: `/ready`, `/live`, `/certs`, `/metrics`; [`metrics`]: closed label sets.
+//! - [`trace`]: CLIENT/SERVER spans per request, `traceparent`/B3 propagation.
 
 pub mod admin;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
 pub mod relay;
+pub mod trace;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -59,6 +61,8 @@ pub enum ProxyError {
     ControlAddr(#[from] tonic::transport::Error),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("tracing: {0}")]
+    Tracing(String),
 }
 
 /// The sidecar's listeners, bound by the caller (port 0 in tests).
@@ -175,6 +179,20 @@ pub async fn run(
     let draining = CancellationToken::new();
     let background = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
+    let provider = match &config.tracing {
+        Some(tc) => Some(
+            meshlet_telemetry::traces::start(
+                tc,
+                resource_defaults(&config.token_file),
+                &metrics.traces,
+            )
+            .map_err(|e| ProxyError::Tracing(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let tracer = provider
+        .as_ref()
+        .map(|p| opentelemetry::trace::TracerProvider::tracer(p, "meshlet-proxy"));
     let (events, _) = tokio::sync::broadcast::channel(256);
     let (creds_tx, creds) = watch::channel(None);
     let status = Arc::new(ArcSwap::from_pointee(CertStatus::default()));
@@ -212,6 +230,7 @@ pub async fn run(
         handshake_timeout: config.connect_timeout,
         sniff_timeout: config.sniff_timeout,
         drain: draining.clone(),
+        tracer: tracer.clone(),
     });
     let inbound = Arc::new(Inbound {
         creds: creds.clone(),
@@ -224,6 +243,7 @@ pub async fn run(
         handshake_timeout: config.connect_timeout,
         sniff_timeout: config.sniff_timeout,
         drain: draining.clone(),
+        tracer,
     });
     let tracker = TaskTracker::new();
     let explicit = config.app_addr.is_some();
@@ -314,6 +334,7 @@ pub async fn run(
             );
         }
         background.cancel();
+        drop(provider);
     });
     tracing::info!(admin = %addrs.admin, inbound = %addrs.inbound, outbound = %addrs.outbound, routes = ?addrs.routes, "sidecar serving");
     Ok(Running {
@@ -361,4 +382,41 @@ async fn accept_loop<F, Fut>(
             },
         }
     }
+}
+
+/// Resource attributes that name the workload, from its token's `kubernetes.io` claim:
+/// `service.name` = `<service-account>.<namespace>` (unless `OTEL_SERVICE_NAME` says
+/// otherwise), `k8s.namespace.name`, `k8s.pod.name`.
+fn resource_defaults(token_file: &std::path::Path) -> Vec<opentelemetry::KeyValue> {
+    use base64::Engine;
+    use opentelemetry::KeyValue;
+    let claims = std::fs::read_to_string(token_file)
+        .ok()
+        .and_then(|t| t.trim().split('.').nth(1).map(str::to_owned))
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok());
+    let k8s = claims.as_ref().map(|c| &c["kubernetes.io"]);
+    let field = |path: &[&str]| {
+        let mut v = k8s?;
+        for p in path {
+            v = &v[*p];
+        }
+        v.as_str().map(str::to_owned)
+    };
+    let mut attributes = vec![];
+    match (field(&["serviceaccount", "name"]), field(&["namespace"])) {
+        (Some(sa), Some(ns)) => {
+            attributes.push(KeyValue::new("service.name", format!("{sa}.{ns}")));
+            attributes.push(KeyValue::new("k8s.namespace.name", ns));
+        }
+        _ => attributes.push(KeyValue::new("service.name", "meshlet-proxy")),
+    }
+    if let Some(pod) = field(&["pod", "name"]) {
+        attributes.push(KeyValue::new("k8s.pod.name", pod));
+    }
+    attributes
 }

@@ -26,7 +26,9 @@ async fn main() -> anyhow::Result<()> {
     init_logging();
     match Cli::parse().command {
         Command::Init(args) => Ok(meshlet_proxy::init::apply(&args)?),
-        Command::Run(config) => {
+        Command::Run(mut config) => {
+            config.tracing =
+                meshlet_telemetry::traces::TraceConfig::from_env(|k| std::env::var(k).ok())?;
             tracing::info!(?config, "starting");
             let listeners = Listeners::bind(&config)
                 .await

@@ -135,6 +135,7 @@ pub struct Metrics {
     pub refused: Family<RefusalLabels, Counter>,
     pub cert_expiry: Gauge<i64, AtomicI64Shim>,
     pub rotations: Family<RotationLabels, Counter>,
+    pub traces: meshlet_telemetry::traces::TraceCounters,
 }
 
 /// prometheus-client's integer gauge storage.
@@ -151,6 +152,7 @@ impl Default for Metrics {
             refused: Family::default(),
             cert_expiry: Gauge::default(),
             rotations: Family::default(),
+            traces: Default::default(),
         }
     }
 }
@@ -192,6 +194,21 @@ impl Metrics {
             "identity_cert_rotations",
             "Certificate renewals, by result",
             self.rotations.clone(),
+        );
+        r.register(
+            "spans_dropped",
+            "Spans dropped because the export queue was full",
+            self.traces.dropped.clone(),
+        );
+        r.register(
+            "spans_exported",
+            "Spans a collector accepted",
+            self.traces.exported.clone(),
+        );
+        r.register(
+            "spans_export_failed",
+            "Spans whose export to the collector failed",
+            self.traces.export_failures.clone(),
         );
         registry
     }

@@ -72,6 +72,7 @@ pub struct Outbound {
     pub handshake_timeout: Duration,
     pub sniff_timeout: Duration,
     pub drain: CancellationToken,
+    pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 impl Outbound {
@@ -157,6 +158,7 @@ impl Outbound {
             tls,
             sniff_timeout: self.sniff_timeout,
             drain: self.drain.clone(),
+            tracer: self.tracer.clone(),
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::detect::{self, Protocol};
 use crate::http;
 use crate::io::{Counted, Prefixed, sniff};
 use crate::metrics::{ConnEvent, ConnRecord, Direction, Metrics, TlsInfo};
+use crate::trace::TcpSpan;
 
 /// What a relay needs besides the two streams.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct RelayCtx {
     pub sniff_timeout: Duration,
     /// Cancelled when the sidecar drains: HTTP connections finish their requests and close.
     pub drain: CancellationToken,
+    /// Spans for requests and connections, when tracing is on.
+    pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 /// Relays `down` (the side that connected to us) and `up` (the side we connected to) until
@@ -71,8 +74,16 @@ where
     let mut up = Prefixed::new(up_buf, up);
     match protocol {
         Protocol::Opaque => {
+            let peer = ctx.tls.as_ref().map(|t| t.peer.as_str());
+            let span = ctx
+                .tracer
+                .as_ref()
+                .map(|t| TcpSpan::start(t, ctx.direction, peer));
             if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
                 tracing::debug!(error = %e, "TCP relay ended with an error");
+            }
+            if let Some(span) = span {
+                span.finish(record.bytes.load(std::sync::atomic::Ordering::Relaxed));
             }
         }
         Protocol::Http1 | Protocol::Http2 => http::proxy(down, up, protocol, &ctx).await,

@@ -330,3 +330,36 @@ async fn drain_lets_an_in_flight_connection_finish() {
     b.stop().await;
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn sidecar_metrics_pass_promtool_after_traffic() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let app = http_app("web").await;
+    let (mut a, mut b) = pair(&cp, app, InboundMode::Strict, None).await;
+    let mut client = HttpClient::connect(a.route(0)).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(client.get("/x").await.unwrap().0, 200);
+    }
+    drop(client);
+    let _ = echo_round_trip(b.r().inbound_addr, b"plaintext to a strict sidecar").await;
+    for s in [&a, &b] {
+        let text = s.metrics().await;
+        for family in [
+            "meshlet_requests_total",
+            "meshlet_request_duration_seconds_bucket",
+            "meshlet_tcp_connections_total",
+            "meshlet_identity_cert_expiry_timestamp_seconds",
+        ] {
+            assert!(text.contains(family), "{family} missing:\n{text}");
+        }
+        if let Some((clean, report)) = meshlet_telemetry::promtool::check(&text) {
+            assert!(
+                clean,
+                "promtool check metrics reported:\n{report}\non:\n{text}"
+            );
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+}

@@ -90,6 +90,7 @@ pub fn sidecar_config(cp: &ControlPlane, token_file: PathBuf) -> Config {
         sniff_timeout: Duration::from_millis(300),
         discovery_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(2),
+        tracing: None,
     }
 }
 
