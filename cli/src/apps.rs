@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context;
+use std::path::PathBuf;
+
+use anyhow::{Context, ensure};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -129,4 +131,87 @@ pub(crate) async fn echo(addr: SocketAddr, payload: &[u8]) -> anyhow::Result<Vec
     wrote?;
     read?;
     Ok(back)
+}
+
+/// `meshletctl demo-app`: the apps and clients run inside the namespaces.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum DemoApp {
+    /// Serve HTTP (`<name>: <method> <path>`) and a TCP echo.
+    Serve {
+        #[arg(long)]
+        http: SocketAddr,
+        #[arg(long)]
+        echo: SocketAddr,
+    },
+    /// GET a path, `--count` times (or until `--until-secs`) on fresh connections; fails
+    /// if any request fails.
+    Get {
+        addr: SocketAddr,
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long)]
+        until_secs: Option<u64>,
+        /// Stop as soon as this file exists.
+        #[arg(long)]
+        stop_file: Option<PathBuf>,
+    },
+    /// Send `--bytes` bytes, half-close, and check they come back.
+    Echo {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        bytes: usize,
+    },
+}
+
+pub(crate) async fn demo_app(cmd: DemoApp) -> anyhow::Result<()> {
+    match cmd {
+        DemoApp::Serve { http, echo } => {
+            let http = tokio::net::TcpListener::bind(http).await?;
+            let echo = tokio::net::TcpListener::bind(echo).await?;
+            tokio::join!(serve_http(http, "orders"), serve_echo(echo));
+            Ok(())
+        }
+        DemoApp::Get {
+            addr,
+            path,
+            count,
+            until_secs,
+            stop_file,
+        } => {
+            let until = until_secs.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+            let (mut ok, mut failed, mut last) = (0u32, 0u32, String::new());
+            for _ in 0..count {
+                if until.is_some_and(|u| tokio::time::Instant::now() >= u)
+                    || stop_file.as_ref().is_some_and(|f| f.exists())
+                {
+                    break;
+                }
+                let result = async { HttpClient::connect(addr).await?.get(&path).await }.await;
+                match result {
+                    Ok((200, body)) => {
+                        ok += 1;
+                        last = body;
+                    }
+                    other => {
+                        failed += 1;
+                        last = format!("{other:?}");
+                    }
+                }
+                if until.is_some() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            println!("{ok} ok, {failed} failed, last: {last}");
+            ensure!(failed == 0 && ok > 0, "{failed} requests failed");
+            Ok(())
+        }
+        DemoApp::Echo { addr, bytes } => {
+            let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+            let back = echo(addr, &payload).await?;
+            println!("{} bytes sent, {} echoed", payload.len(), back.len());
+            ensure!(back == payload, "the echo differs");
+            Ok(())
+        }
+    }
 }

@@ -44,7 +44,7 @@ enum Command {
     Ca(CaCommand),
     /// The demo's plain apps and clients (used inside the --netns demo's namespaces).
     #[command(subcommand, hide = true)]
-    DemoApp(netns::DemoApp),
+    DemoApp(apps::DemoApp),
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args).await,
-        Command::DemoApp(cmd) => netns::demo_app(cmd).await,
+        Command::DemoApp(cmd) => apps::demo_app(cmd).await,
         Command::Certs(a) => {
             let query: Vec<String> = [("namespace", &a.namespace), ("state", &a.state)]
                 .into_iter()

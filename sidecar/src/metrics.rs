@@ -133,13 +133,10 @@ pub struct Metrics {
     pub bytes: Family<DirectionLabels, Counter>,
     pub handshake_errors: Family<HandshakeLabels, Counter>,
     pub refused: Family<RefusalLabels, Counter>,
-    pub cert_expiry: Gauge<i64, AtomicI64Shim>,
+    pub cert_expiry: Gauge,
     pub rotations: Family<RotationLabels, Counter>,
     pub traces: meshlet_telemetry::traces::TraceCounters,
 }
-
-/// prometheus-client's integer gauge storage.
-pub type AtomicI64Shim = std::sync::atomic::AtomicI64;
 
 impl Default for Metrics {
     fn default() -> Self {
