@@ -4,10 +4,12 @@
 //!   ([`netns`]). [`apps`]: the plain apps behind the demo's sidecars.
 //! - `token`: mints a development workload token with the control plane's local key.
 //! - `certs`, `check`, `ca`: the certificate view, the loud check, CA rotation ([`certs`]).
+//! - `inject`: the webhook's patch applied to YAML ([`inject`]).
 
 mod apps;
 mod certs;
 mod demo;
+mod inject;
 mod netns;
 
 use std::path::PathBuf;
@@ -39,6 +41,8 @@ enum Command {
     /// Exit non-zero, saying what to do, if the control plane is unreachable or any root,
     /// intermediate or workload certificate is expired, expiring or overdue.
     Check(AdminArgs),
+    /// Add the sidecar to the pods of Kubernetes YAML (as the webhook does) and print it.
+    Inject(inject::InjectArgs),
     /// Rotate the CA through the control plane's admin API (needs an admin token).
     #[command(subcommand)]
     Ca(CaCommand),
@@ -123,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args).await,
         Command::DemoApp(cmd) => apps::demo_app(cmd).await,
+        Command::Inject(args) => inject::run(args),
         Command::Certs(a) => {
             let query: Vec<String> = [("namespace", &a.namespace), ("state", &a.state)]
                 .into_iter()

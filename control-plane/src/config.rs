@@ -62,6 +62,41 @@ pub struct ServeArgs {
     /// A root or intermediate is reported `expiring` when it expires within this time.
     #[arg(long, env = "MESHLET_CA_EXPIRING_WITHIN", default_value = "30d", value_parser = humantime::parse_duration)]
     pub ca_expiring_within: Duration,
+    /// Admission webhook (HTTPS, `/inject`); served when its certificate and key are given.
+    #[arg(long, env = "MESHLET_WEBHOOK_ADDR", default_value = "0.0.0.0:15017")]
+    pub webhook_addr: SocketAddr,
+    /// The webhook's serving certificate (PEM); its CA is the webhook configuration's caBundle.
+    #[arg(long, env = "MESHLET_WEBHOOK_TLS_CERT", requires = "webhook_tls_key")]
+    pub webhook_tls_cert: Option<PathBuf>,
+    /// The webhook's private key (PEM).
+    #[arg(long, env = "MESHLET_WEBHOOK_TLS_KEY", requires = "webhook_tls_cert")]
+    pub webhook_tls_key: Option<PathBuf>,
+    /// The sidecar image injected into pods.
+    #[arg(
+        long,
+        env = "MESHLET_PROXY_IMAGE",
+        default_value = "ghcr.io/meshlet/meshlet:0.1.0"
+    )]
+    pub proxy_image: String,
+    /// `native`: the sidecar is an init container with restartPolicy Always (Kubernetes
+    /// 1.29+); `container`: a regular first container (older clusters).
+    #[arg(
+        long,
+        env = "MESHLET_INJECT_MODE",
+        value_enum,
+        default_value = "native"
+    )]
+    pub inject_mode: crate::inject::InjectMode,
+    /// The control plane's address as injected sidecars reach it.
+    #[arg(
+        long,
+        env = "MESHLET_POD_CONTROL_ADDR",
+        default_value = "meshlet-control.meshlet-system.svc:15012"
+    )]
+    pub pod_control_addr: String,
+    /// Where injected sidecars export traces (OTLP gRPC); unset: tracing off in injected pods.
+    #[arg(long, env = "MESHLET_POD_OTLP_ENDPOINT")]
+    pub pod_otlp_endpoint: Option<String>,
     /// Identities allowed to rotate the CA through the admin API (bearer token), repeatable
     /// [default: spiffe://<trust-domain>/ns/meshlet-system/sa/meshlet-admin]
     #[arg(
@@ -77,6 +112,10 @@ pub struct ServeArgs {
 pub struct Config {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub webhook_addr: SocketAddr,
+    /// The webhook's certificate and key files; None: no webhook.
+    pub webhook_tls: Option<(PathBuf, PathBuf)>,
+    pub inject: crate::inject::InjectConfig,
     pub data_dir: PathBuf,
     pub ca_dir: Option<PathBuf>,
     pub trust_domain: TrustDomain,
@@ -117,9 +156,19 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let identity = default_identity(&trust_domain)?;
         let admin = default_admin(&trust_domain)?;
+        let inject = crate::inject::InjectConfig {
+            image: "ghcr.io/meshlet/meshlet:0.1.0".into(),
+            mode: crate::inject::InjectMode::Native,
+            control_addr: "meshlet-control.meshlet-system.svc:15012".into(),
+            control_identity: identity.to_string(),
+            otlp_endpoint: None,
+        };
         Ok(Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            webhook_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            webhook_tls: None,
+            inject,
             data_dir,
             ca_dir: None,
             trust_domain,
@@ -187,7 +236,17 @@ impl TryFrom<ServeArgs> for Config {
             true => vec![default_admin(&a.trust_domain)?],
             false => a.admin_identities,
         };
+        let inject = crate::inject::InjectConfig {
+            image: a.proxy_image,
+            mode: a.inject_mode,
+            control_addr: a.pod_control_addr,
+            control_identity: identity.to_string(),
+            otlp_endpoint: a.pod_otlp_endpoint,
+        };
         Ok(Self {
+            webhook_addr: a.webhook_addr,
+            webhook_tls: a.webhook_tls_cert.zip(a.webhook_tls_key),
+            inject,
             admin_identities,
             ca_expiring_within: a.ca_expiring_within,
             grpc_addr: a.grpc_addr,

@@ -11,6 +11,7 @@
 //! - [`registry`]: what was issued, per workload; certificate states.
 //! - [`grpc`]: TLS accept loop feeding tonic; [`admin`]: the admin HTTP API.
 //! - [`metrics`]: Prometheus metrics with closed label sets.
+//! - [`inject`]: the sidecar injection patch (pure); [`webhook`]: the admission webhook.
 
 pub mod admin;
 pub mod ca_admin;
@@ -18,10 +19,12 @@ pub mod config;
 pub mod discovery_service;
 pub mod grpc;
 pub mod identity_service;
+pub mod inject;
 pub mod jwks;
 pub mod metrics;
 pub mod registry;
 pub mod token;
+pub mod webhook;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -77,6 +80,8 @@ pub enum ControlError {
     Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
     Rotate(ca_admin::RotateError),
+    #[error("webhook TLS: {0}")]
+    Webhook(String),
 }
 
 /// The listeners the control plane serves on, bound by the caller (port 0 in tests).
@@ -84,14 +89,17 @@ pub enum ControlError {
 pub struct Listeners {
     pub grpc: TcpListener,
     pub admin: TcpListener,
+    /// The admission webhook's listener, when it is served.
+    pub webhook: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds both listeners.
+    /// Binds the gRPC and admin listeners.
     pub async fn bind(grpc: SocketAddr, admin: SocketAddr) -> std::io::Result<Self> {
         Ok(Self {
             grpc: TcpListener::bind(grpc).await?,
             admin: TcpListener::bind(admin).await?,
+            webhook: None,
         })
     }
 }
@@ -101,6 +109,8 @@ impl Listeners {
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Where the admission webhook is served, if it is.
+    pub webhook_addr: Option<SocketAddr>,
     /// The SPIFFE ID the gRPC server presents.
     pub identity: SpiffeId,
     /// The trust bundle, PEM: what sidecars need to trust the control plane.
@@ -195,6 +205,16 @@ pub async fn run(
 
     let running_grpc = listeners.grpc.local_addr()?;
     let running_admin = listeners.admin.local_addr()?;
+    let running_webhook = match &listeners.webhook {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let webhook_tls = match &config.webhook_tls {
+        Some((cert, key)) => Some(Arc::new(
+            webhook::tls_from_files(cert, key).map_err(ControlError::Webhook)?,
+        )),
+        None => None,
+    };
     let mut tasks = JoinSet::new();
     {
         let stop = stop.clone();
@@ -223,6 +243,13 @@ pub async fn run(
             Ok(())
         });
     }
+    if let (Some(listener), Some(tls)) = (listeners.webhook, webhook_tls) {
+        let (stop, inject) = (stop.clone(), Arc::new(config.inject.clone()));
+        tasks.spawn(async move {
+            webhook::serve(listener, tls, inject, stop).await;
+            Ok(())
+        });
+    }
     let trust_bundle_pem = ca_handle.ca.load().trust_bundle_pem();
     let identity = config.identity.clone();
     tasks.spawn(background(config, ca_handle, auth, registry, stop));
@@ -230,6 +257,7 @@ pub async fn run(
     Ok(Running {
         grpc_addr: running_grpc,
         admin_addr: running_admin,
+        webhook_addr: running_webhook,
         identity,
         trust_bundle_pem,
         tasks,

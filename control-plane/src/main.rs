@@ -28,9 +28,16 @@ async fn main() -> anyhow::Result<()> {
     let Command::Serve(args) = Cli::parse().command;
     let config = Config::try_from(args)?;
     tracing::info!(?config, "starting");
-    let listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
+    let mut listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
         .await
         .with_context(|| format!("binding {} and {}", config.grpc_addr, config.admin_addr))?;
+    if config.webhook_tls.is_some() {
+        listeners.webhook = Some(
+            tokio::net::TcpListener::bind(config.webhook_addr)
+                .await
+                .with_context(|| format!("binding {}", config.webhook_addr))?,
+        );
+    }
     let running = meshlet_control::run(config, listeners, shutdown_signal()).await?;
     running.wait().await?;
     Ok(())

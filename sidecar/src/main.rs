@@ -18,6 +18,15 @@ enum Command {
     Run(Box<RunArgs>),
     /// Install the traffic capture rules in this network namespace (needs NET_ADMIN).
     Init(InitArgs),
+    /// Wait until the sidecar reports ready (for a postStart hook in container mode).
+    WaitReady {
+        /// The sidecar's admin address.
+        #[arg(long, env = "MESHLET_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+        admin_addr: std::net::SocketAddr,
+        /// Give up after this long.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[tokio::main]
@@ -26,6 +35,10 @@ async fn main() -> anyhow::Result<()> {
     init_logging();
     match Cli::parse().command {
         Command::Init(args) => Ok(meshlet_proxy::init::apply(&args)?),
+        Command::WaitReady {
+            admin_addr,
+            timeout,
+        } => wait_ready(admin_addr, timeout).await,
         Command::Run(mut config) => {
             config.tracing =
                 meshlet_telemetry::traces::TraceConfig::from_env(|k| std::env::var(k).ok())?;
@@ -69,4 +82,29 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
     }
     tracing::info!("shutting down");
+}
+
+/// Polls `GET /ready` on the admin port until it answers 200, or fails after `timeout`.
+async fn wait_ready(
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let ready = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").await?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).await?;
+            std::io::Result::Ok(head.ends_with(b" 200"))
+        };
+        if let Ok(Ok(true)) = tokio::time::timeout(std::time::Duration::from_secs(1), ready).await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("the sidecar at {addr} was not ready within {timeout:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
