@@ -97,6 +97,13 @@ pub struct ServeArgs {
     /// Where injected sidecars export traces (OTLP gRPC); unset: tracing off in injected pods.
     #[arg(long, env = "MESHLET_POD_OTLP_ENDPOINT")]
     pub pod_otlp_endpoint: Option<String>,
+    /// Running in Kubernetes: check that a registering pod owns its IP, and keep the
+    /// meshlet-trust-bundle ConfigMap current in every namespace labelled for injection.
+    #[arg(long, env = "MESHLET_KUBERNETES")]
+    pub kubernetes: bool,
+    /// Authenticate workload tokens with a TokenReview (needs --kubernetes) instead of keys.
+    #[arg(long, env = "MESHLET_TOKEN_REVIEW", requires = "kubernetes")]
+    pub token_review: bool,
     /// Identities allowed to rotate the CA through the admin API (bearer token), repeatable
     /// [default: spiffe://<trust-domain>/ns/meshlet-system/sa/meshlet-admin]
     #[arg(
@@ -110,6 +117,9 @@ pub struct ServeArgs {
 /// The control plane's validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The Kubernetes API (set in `main` with `--kubernetes`; tests inject a fake one).
+    pub cluster: Option<crate::cluster::Cluster>,
+    pub token_review: bool,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub webhook_addr: SocketAddr,
@@ -164,6 +174,8 @@ impl Config {
             otlp_endpoint: None,
         };
         Ok(Self {
+            cluster: None,
+            token_review: false,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             webhook_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -220,11 +232,11 @@ impl TryFrom<ServeArgs> for Config {
             Some(id) => id,
             None => default_identity(&a.trust_domain)?,
         };
-        if a.jwks_file.is_none() && a.jwks_url.is_none() && !a.local_tokens {
+        if a.jwks_file.is_none() && a.jwks_url.is_none() && !a.local_tokens && !a.token_review {
             return Err(config_error(
                 "local-tokens",
                 "LOCAL_TOKENS",
-                "false leaves no way to verify tokens: set --jwks-file or --jwks-url",
+                "false leaves no way to verify tokens: set --jwks-file, --jwks-url or --token-review",
             ));
         }
         let jwks = a.jwks_url.map(|url| crate::jwks::JwksSource {
@@ -244,6 +256,8 @@ impl TryFrom<ServeArgs> for Config {
             otlp_endpoint: a.pod_otlp_endpoint,
         };
         Ok(Self {
+            cluster: None,
+            token_review: a.token_review,
             webhook_addr: a.webhook_addr,
             webhook_tls: a.webhook_tls_cert.zip(a.webhook_tls_key),
             inject,

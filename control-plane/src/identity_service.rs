@@ -17,9 +17,10 @@ use meshlet_proto::identity::v1::{CertifyRequest, CertifyResponse};
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
+use crate::cluster::Cluster;
 use crate::metrics::{Metrics, RejectReason};
 use crate::registry::{Issued, Registry};
-use crate::token::Authenticator;
+use crate::token::{Authenticator, Workload};
 
 /// The Identity service and what it needs.
 #[derive(Debug)]
@@ -30,9 +31,49 @@ pub struct IdentityService {
     pub metrics: Arc<Metrics>,
     pub trust_domain: TrustDomain,
     pub cert_ttl: Duration,
+    /// With `--kubernetes`: pod IP ownership checks, and TokenReview when `token_review`.
+    pub cluster: Option<Cluster>,
+    pub token_review: bool,
 }
 
 impl IdentityService {
+    /// In a cluster, a workload registers only its own pod's IP.
+    async fn check_owner(
+        &self,
+        cluster: &Cluster,
+        workload: &Workload,
+        address: &str,
+    ) -> Result<(), Status> {
+        let ip = address
+            .parse::<IpAddr>()
+            .or_else(|_| address.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+            .map_err(|_| {
+                self.refuse(
+                    "bad_pod_ip",
+                    Status::invalid_argument("pod_ip is not an address"),
+                )
+            })?;
+        let Some(pod) = &workload.pod else {
+            return Err(self.refuse(
+                "address_not_owned",
+                Status::permission_denied(
+                    "the token names no pod, so it cannot register an address",
+                ),
+            ));
+        };
+        match cluster.pod_owns(&workload.namespace, pod, ip).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.refuse(
+                "address_not_owned",
+                Status::permission_denied(format!(
+                    "pod {}/{pod} does not have IP {ip}",
+                    workload.namespace
+                )),
+            )),
+            Err(e) => Err(self.refuse("cluster_unavailable", Status::unavailable(e.to_string()))),
+        }
+    }
+
     fn refuse(&self, reason: &str, status: Status) -> Status {
         self.metrics.reject(RejectReason::from_reason(reason));
         tracing::info!(reason, error = status.message(), "certify refused");
@@ -40,14 +81,16 @@ impl IdentityService {
     }
 
     /// The whole Certify decision, without the gRPC wrapping.
-    pub fn certify_now(
+    pub async fn certify_at(
         &self,
         req: CertifyRequest,
         now: OffsetDateTime,
     ) -> Result<CertifyResponse, Status> {
-        let workload = self
-            .auth
-            .authenticate(&req.token)
+        let authenticated = match (&self.cluster, self.token_review) {
+            (Some(cluster), true) => cluster.review_token(&req.token).await,
+            _ => self.auth.authenticate(&req.token),
+        };
+        let workload = authenticated
             .map_err(|e| self.refuse(e.reason(), Status::unauthenticated(e.to_string())))?;
         let id = SpiffeId::for_service_account(
             &self.trust_domain,
@@ -69,6 +112,9 @@ impl IdentityService {
         })?;
         let address =
             parse_address(&req.pod_ip).map_err(|status| self.refuse("bad_pod_ip", status))?;
+        if let (Some(cluster), Some(address)) = (&self.cluster, &address) {
+            self.check_owner(cluster, &workload, address).await?;
+        }
         let ca = self.ca.load();
         let svid = ca.issue(&id, &key, self.cert_ttl, now).map_err(|e| {
             self.refuse(
@@ -119,7 +165,8 @@ impl Identity for IdentityService {
         &self,
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
-        self.certify_now(request.into_inner(), OffsetDateTime::now_utc())
+        self.certify_at(request.into_inner(), OffsetDateTime::now_utc())
+            .await
             .map(Response::new)
     }
 }

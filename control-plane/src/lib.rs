@@ -12,9 +12,11 @@
 //! - [`grpc`]: TLS accept loop feeding tonic; [`admin`]: the admin HTTP API.
 //! - [`metrics`]: Prometheus metrics with closed label sets.
 //! - [`inject`]: the sidecar injection patch (pure); [`webhook`]: the admission webhook.
+//! - [`cluster`]: TokenReview, pod IP ownership, the trust bundle ConfigMap (`--kubernetes`).
 
 pub mod admin;
 pub mod ca_admin;
+pub mod cluster;
 pub mod config;
 pub mod discovery_service;
 pub mod grpc;
@@ -180,6 +182,8 @@ pub async fn run(
         metrics,
         trust_domain: config.trust_domain.clone(),
         cert_ttl: config.cert_ttl,
+        cluster: config.cluster.clone(),
+        token_review: config.token_review,
     });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(meshlet_proto::FILE_DESCRIPTOR_SET)
@@ -298,6 +302,8 @@ async fn background(
     stop: CancellationToken,
 ) -> Result<(), ControlError> {
     let mut renew = tokio::time::interval(config.cert_ttl / 2);
+    let mut bundle = ca.bundle.subscribe();
+    let mut resync = tokio::time::interval(Duration::from_secs(30));
     let mut prune = tokio::time::interval(Duration::from_secs(60));
     let mut jwks = tokio::time::interval(JWKS_REFRESH);
     // Each interval fires at once; the first tick of each is the start-up state.
@@ -311,11 +317,31 @@ async fn background(
                 Err(e) => tracing::error!(error = %e, "renewing the control plane's serving certificate failed"),
             },
             _ = prune.tick() => registry.prune(OffsetDateTime::now_utc()),
+            changed = bundle.changed(), if config.cluster.is_some() => {
+                if changed.is_ok() {
+                    sync_bundle(&config, &ca).await;
+                }
+            }
+            _ = resync.tick(), if config.cluster.is_some() => sync_bundle(&config, &ca).await,
             _ = jwks.tick(), if config.jwks.is_some() => {
                 if let Err(e) = refresh_jwks(&config, &auth).await {
                     tracing::warn!(error = %e, "JWKS refresh failed; keeping the previous keys");
                 }
             }
+        }
+    }
+}
+
+/// Applies the trust bundle ConfigMap in every namespace labelled for injection.
+async fn sync_bundle(config: &Config, ca: &CaHandle) {
+    let Some(cluster) = &config.cluster else {
+        return;
+    };
+    let pem = ca.ca.load().trust_bundle_pem();
+    match cluster.sync_trust_bundle(&pem).await {
+        Ok(n) => tracing::debug!(namespaces = n, "trust bundle ConfigMaps applied"),
+        Err(e) => {
+            tracing::warn!(error = %e, "applying the trust bundle ConfigMaps failed; retrying in 30 s")
         }
     }
 }

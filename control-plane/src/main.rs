@@ -26,7 +26,15 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     init_logging();
     let Command::Serve(args) = Cli::parse().command;
-    let config = Config::try_from(args)?;
+    let kubernetes = args.kubernetes;
+    let mut config = Config::try_from(args)?;
+    if kubernetes {
+        config.cluster = Some(
+            meshlet_control::cluster::Cluster::in_cluster()
+                .await
+                .context("--kubernetes: connecting to the Kubernetes API")?,
+        );
+    }
     tracing::info!(?config, "starting");
     let mut listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
         .await

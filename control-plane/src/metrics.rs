@@ -23,6 +23,8 @@ pub enum RejectReason {
     csr_bad_signature,
     csr_identity_mismatch,
     bad_pod_ip,
+    address_not_owned,
+    cluster_unavailable,
     ca_error,
 }
 
@@ -44,6 +46,8 @@ impl RejectReason {
             "csr_bad_signature" => Self::csr_bad_signature,
             "csr_identity_mismatch" => Self::csr_identity_mismatch,
             "bad_pod_ip" => Self::bad_pod_ip,
+            "address_not_owned" => Self::address_not_owned,
+            "cluster_unavailable" => Self::cluster_unavailable,
             _ => Self::ca_error,
         }
     }
