@@ -182,6 +182,7 @@ def check_chart(label, values, expect):
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["meshlet-trust-bundle"], "verbs": ["get", "patch", "update"]},
+        {"apiGroups": ["meshlet.io"], "resources": ["accesspolicies", "meshpolicies"], "verbs": ["get", "list"]},
         {"nonResourceURLs": ["/openid/v1/jwks", "/.well-known/openid-configuration"], "verbs": ["get"]}])
     binding = find(objs, "ClusterRoleBinding", "meshlet-control") or {}
     check(f"{label}: RBAC is least privilege, bound to ServiceAccount meshlet-control",

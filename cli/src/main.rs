@@ -5,12 +5,14 @@
 //! - `token`: mints a development workload token with the control plane's local key.
 //! - `certs`, `check`, `ca`: the certificate view, the loud check, CA rotation ([`certs`]).
 //! - `inject`: the webhook's patch applied to YAML ([`inject`]).
+//! - `policy check`: an authorization decision and its rule ([`policy`]).
 
 mod apps;
 mod certs;
 mod demo;
 mod inject;
 mod netns;
+mod policy;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,6 +45,9 @@ enum Command {
     Check(AdminArgs),
     /// Add the sidecar to the pods of Kubernetes YAML (as the webhook does) and print it.
     Inject(inject::InjectArgs),
+    /// Authorization policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Rotate the CA through the control plane's admin API (needs an admin token).
     #[command(subcommand)]
     Ca(CaCommand),
@@ -105,6 +110,13 @@ struct CaArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Would a call be allowed? Prints allow or deny with the rule that decided; exit 1 on
+    /// deny.
+    Check(policy::CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum CaCommand {
     /// Step 1: add a new root to the trust bundle (streamed to every sidecar).
     AddRoot(CaArgs),
@@ -128,6 +140,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::DemoApp(cmd) => apps::demo_app(cmd).await,
         Command::Inject(args) => inject::run(args),
+        Command::Policy(PolicyCommand::Check(args)) => {
+            if !policy::check(args).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Certs(a) => {
             let query: Vec<String> = [("namespace", &a.namespace), ("state", &a.state)]
                 .into_iter()

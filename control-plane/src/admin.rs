@@ -31,6 +31,8 @@ pub struct AdminState {
     pub expiring_share: f64,
     /// A root or intermediate expiring within this is `expiring`.
     pub ca_expiring_within: Duration,
+    /// The authorization policy in force.
+    pub policy: tokio::sync::watch::Receiver<Arc<meshlet_identity::authz::PolicySet>>,
 }
 
 /// `GET /v1/certs`.
@@ -96,6 +98,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, now: OffsetDateTime) -> Re
     }
     match req.uri().path() {
         "/ready" | "/live" => admin::text(StatusCode::OK, "ok\n"),
+        "/v1/policy" => admin::json(&**state.policy.borrow()),
         "/metrics" => admin::metrics(&state.metrics),
         "/v1/trust-bundle" => admin::respond(
             StatusCode::OK,

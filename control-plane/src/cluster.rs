@@ -45,6 +45,11 @@ impl Cluster {
         Self { client }
     }
 
+    /// The client, for other API calls.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
     /// The in-cluster client (service account token and CA of the pod).
     pub async fn in_cluster() -> Result<Self, ClusterError> {
         Ok(Self::new(kube::Client::try_default().await?))

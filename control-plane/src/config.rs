@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// Where injected sidecars export traces (OTLP gRPC); unset: tracing off in injected pods.
     #[arg(long, env = "MESHLET_POD_OTLP_ENDPOINT")]
     pub pod_otlp_endpoint: Option<String>,
+    /// Authorization policy (YAML or JSON); re-read when it changes. Without it, in a
+    /// cluster, the MeshPolicy and AccessPolicy resources are used.
+    #[arg(long, env = "MESHLET_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
     /// Running in Kubernetes: check that a registering pod owns its IP, and keep the
     /// meshlet-trust-bundle ConfigMap current in every namespace labelled for injection.
     #[arg(long, env = "MESHLET_KUBERNETES")]
@@ -120,6 +124,7 @@ pub struct Config {
     /// The Kubernetes API (set in `main` with `--kubernetes`; tests inject a fake one).
     pub cluster: Option<crate::cluster::Cluster>,
     pub token_review: bool,
+    pub policy_file: Option<PathBuf>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub webhook_addr: SocketAddr,
@@ -176,6 +181,7 @@ impl Config {
         Ok(Self {
             cluster: None,
             token_review: false,
+            policy_file: None,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             webhook_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -258,6 +264,7 @@ impl TryFrom<ServeArgs> for Config {
         Ok(Self {
             cluster: None,
             token_review: a.token_review,
+            policy_file: a.policy_file,
             webhook_addr: a.webhook_addr,
             webhook_tls: a.webhook_tls_cert.zip(a.webhook_tls_key),
             inject,

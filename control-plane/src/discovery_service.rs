@@ -17,7 +17,8 @@ use tonic::{Request, Response, Status};
 
 use crate::identity_service::parse_address;
 use crate::registry::Registry;
-use crate::token::Authenticator;
+use crate::token::{Authenticator, Workload};
+use meshlet_identity::authz::PolicySet;
 
 /// The trust bundle as streamed: DER roots. Replaced as a whole when roots rotate.
 pub type Bundle = Arc<Vec<Vec<u8>>>;
@@ -28,6 +29,7 @@ pub struct DiscoveryService {
     pub auth: Arc<Authenticator>,
     pub registry: Arc<Registry>,
     pub bundle: watch::Receiver<Bundle>,
+    pub policy: watch::Receiver<Arc<PolicySet>>,
     pub stop: CancellationToken,
 }
 
@@ -40,7 +42,8 @@ impl Discovery for DiscoveryService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
-        self.auth
+        let workload = self
+            .auth
             .authenticate(&request.token)
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let address = parse_address(&request.address)?;
@@ -50,11 +53,14 @@ impl Discovery for DiscoveryService {
             .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
             .map(|a| self.registry.watch_address(&a.ip().to_string()));
         let (tx, rx) = mpsc::channel(4);
+        // The bundle-only watch also carries the caller's authorization policy.
+        let policy = address.is_none().then(|| (self.policy.clone(), workload));
         tokio::spawn(stream(
             address,
             exact,
             by_ip,
             self.bundle.clone(),
+            policy,
             tx,
             self.stop.clone(),
         ));
@@ -67,10 +73,22 @@ async fn stream(
     mut exact: Option<watch::Receiver<Option<SpiffeId>>>,
     mut by_ip: Option<watch::Receiver<Option<SpiffeId>>>,
     mut bundle: watch::Receiver<Bundle>,
+    mut policy: Option<(watch::Receiver<Arc<PolicySet>>, Workload)>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     stop: CancellationToken,
 ) {
     loop {
+        let policy_json = match policy.as_mut() {
+            Some((rx, w)) => {
+                let mine = crate::policy::for_workload(
+                    &rx.borrow_and_update(),
+                    &w.namespace,
+                    &w.service_account,
+                );
+                serde_json::to_string(&mine).unwrap_or_default()
+            }
+            None => String::new(),
+        };
         let id = current(&mut exact).or_else(|| current(&mut by_ip));
         let message = WatchResponse {
             trust_bundle: bundle.borrow_and_update().to_vec(),
@@ -79,6 +97,7 @@ async fn stream(
                 meshed: id.is_some(),
                 identity: id.map(|i| i.to_string()).unwrap_or_default(),
             }),
+            policy: policy_json,
         };
         if tx.send(Ok(message)).await.is_err() {
             return;
@@ -89,6 +108,7 @@ async fn stream(
             r = bundle.changed() => if r.is_err() { return },
             r = changed(&mut exact) => if r.is_err() { return },
             r = changed(&mut by_ip) => if r.is_err() { return },
+            r = policy_changed(&mut policy) => if r.is_err() { return },
         }
     }
 }
@@ -102,6 +122,15 @@ async fn changed(
 ) -> Result<(), watch::error::RecvError> {
     match rx {
         Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn policy_changed(
+    p: &mut Option<(watch::Receiver<Arc<PolicySet>>, Workload)>,
+) -> Result<(), watch::error::RecvError> {
+    match p {
+        Some((rx, _)) => rx.changed().await,
         None => std::future::pending().await,
     }
 }

@@ -13,6 +13,7 @@
 //! - [`metrics`]: Prometheus metrics with closed label sets.
 //! - [`inject`]: the sidecar injection patch (pure); [`webhook`]: the admission webhook.
 //! - [`cluster`]: TokenReview, pod IP ownership, the trust bundle ConfigMap (`--kubernetes`).
+//! - [`policy`]: authorization policy from a file or custom resources, per workload.
 
 pub mod admin;
 pub mod ca_admin;
@@ -24,6 +25,7 @@ pub mod identity_service;
 pub mod inject;
 pub mod jwks;
 pub mod metrics;
+pub mod policy;
 pub mod registry;
 pub mod token;
 pub mod webhook;
@@ -84,6 +86,8 @@ pub enum ControlError {
     Rotate(ca_admin::RotateError),
     #[error("webhook TLS: {0}")]
     Webhook(String),
+    #[error("{0}")]
+    Policy(#[from] policy::PolicyError),
 }
 
 /// The listeners the control plane serves on, bound by the caller (port 0 in tests).
@@ -194,10 +198,29 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| ControlError::Reflection(e.to_string()))?;
     let stop = CancellationToken::new();
+    let initial_policy = match &config.policy_file {
+        Some(path) => policy::read_file(path)?,
+        None => Default::default(),
+    };
+    let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(initial_policy));
+    match (&config.policy_file, &config.cluster) {
+        (Some(path), _) => {
+            tokio::spawn(policy::follow_file(path.clone(), policy_tx, stop.clone()));
+        }
+        (None, Some(cluster)) => {
+            tokio::spawn(policy::follow_cluster(
+                cluster.clone(),
+                policy_tx,
+                stop.clone(),
+            ));
+        }
+        (None, None) => drop(policy_tx),
+    }
     let discovery = DiscoveryService {
         auth: auth.clone(),
         registry: registry.clone(),
         bundle: bundle_rx,
+        policy: policy_rx.clone(),
         stop: stop.clone(),
     };
     let routes = tonic::service::Routes::new(
@@ -239,6 +262,7 @@ pub async fn run(
         metrics: prom,
         expiring_share: config.expiring_share,
         ca_expiring_within: config.ca_expiring_within,
+        policy: policy_rx,
     });
     {
         let stop = stop.clone();

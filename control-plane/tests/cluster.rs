@@ -64,6 +64,25 @@ fn not_found(name: &str) -> Value {
            "message": format!("pods \"{name}\" not found"), "reason": "NotFound", "details": {"name": name, "kind": "pods"}, "code": 404})
 }
 
+fn mesh_policies() -> Value {
+    json!({"apiVersion": "meshlet.io/v1alpha1", "kind": "MeshPolicyList", "metadata": {"resourceVersion": "501"},
+           "items": [{"apiVersion": "meshlet.io/v1alpha1", "kind": "MeshPolicy",
+                      "metadata": {"name": "default", "uid": "1b0e5c3a-0d43-4b8e-9a53-33f1d8ab61c2", "resourceVersion": "500", "generation": 1},
+                      "spec": {"default": "deny", "namespaces": {"shop": "strict"}}}]})
+}
+
+fn access_policies() -> Value {
+    json!({"apiVersion": "meshlet.io/v1alpha1", "kind": "AccessPolicyList", "metadata": {"resourceVersion": "502"},
+    "items": [
+      {"apiVersion": "meshlet.io/v1alpha1", "kind": "AccessPolicy",
+       "metadata": {"name": "orders", "namespace": "shop", "uid": "7c2f8a91-3e55-4a8e-b1d4-1d0f5e6a7b89", "resourceVersion": "499", "generation": 2},
+       "spec": {"serviceAccount": "orders", "allow": [{"identities": ["spiffe://cluster.local/ns/shop/sa/cart"]}, {"namespaces": ["ops"], "http": {"methods": ["GET"], "pathPrefixes": ["/status"]}}]}},
+      {"apiVersion": "meshlet.io/v1alpha1", "kind": "AccessPolicy",
+       "metadata": {"name": "broken", "namespace": "shop", "uid": "aa2f8a91-3e55-4a8e-b1d4-1d0f5e6a7b00", "resourceVersion": "498", "generation": 1},
+       "spec": {"serviceAccount": "x", "allow": [{"surprise": true}]}}
+    ]})
+}
+
 fn namespaces() -> Value {
     let ns = |name: &str| json!({"metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name, "meshlet.io/inject": "enabled"}}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
     json!({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {"resourceVersion": "98765"}, "items": [ns("shop"), ns("prod")]})
@@ -105,6 +124,12 @@ async fn fake_api(applied: Applied) -> String {
                                     ) =>
                                 {
                                     (200, namespaces())
+                                }
+                                ("GET", "/apis/meshlet.io/v1alpha1/meshpolicies") => {
+                                    (200, mesh_policies())
+                                }
+                                ("GET", "/apis/meshlet.io/v1alpha1/accesspolicies") => {
+                                    (200, access_policies())
                                 }
                                 ("PATCH", p) if p.ends_with("/configmaps/meshlet-trust-bundle") => {
                                     applied
@@ -245,6 +270,28 @@ async fn token_review_pod_ownership_and_bundle_configmaps() {
             running.trust_bundle_pem.as_str()
         );
     }
+
+    // The policy resources become the policy in force; a malformed one is skipped, not fatal.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let policy = loop {
+        let (_, body) = common::http_get(running.admin_addr, "/v1/policy").await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        if v["default"] == "deny" {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the policy resources were not read: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(policy["namespaces"]["shop"], "strict");
+    assert_eq!(policy["policies"].as_array().unwrap().len(), 1, "{policy}");
+    assert_eq!(policy["policies"][0]["name"], "orders");
+    assert_eq!(
+        policy["policies"][0]["allow"][1]["http"]["pathPrefixes"][0],
+        "/status"
+    );
     let _ = stop.send(());
     running.wait().await.unwrap();
 }

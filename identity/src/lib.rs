@@ -8,7 +8,9 @@
 //! - [`cert`]: X509-SVID leaf rules and certificate summaries for status APIs.
 //! - [`verify`]: rustls verifiers: webpki chain validation, then the SPIFFE ID check.
 //! - [`tls`]: TLS 1.3-only rustls configurations built from the above.
+//! - [`authz`]: the authorization policy model and its decisions (pure).
 
+pub mod authz;
 pub mod ca;
 pub mod cert;
 pub mod csr;

@@ -1,5 +1,5 @@
 //! The sidecar's admin API (port 15000): `/ready` (only once it has a certificate, and not
-//! while draining), `/live`, `/certs` and `/metrics`.
+//! while draining), `/live`, `/certs`, `/policy` (what it enforces) and `/metrics`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +21,8 @@ pub struct AdminState {
     pub status: Arc<ArcSwap<CertStatus>>,
     pub metrics: prometheus_client::registry::Registry,
     pub draining: Arc<AtomicBool>,
+    /// The authorization policy being enforced.
+    pub policy: watch::Receiver<Arc<meshlet_identity::authz::PolicySet>>,
 }
 
 /// Serves the admin API until `stop`.
@@ -55,6 +57,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
             }
         }
         "/certs" => admin::json(&**state.status.load()),
+        "/policy" => admin::json(&**state.policy.borrow()),
         "/metrics" => admin::metrics(&state.metrics),
         _ => admin::text(StatusCode::NOT_FOUND, "not found\n"),
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use meshlet_identity::SpiffeId;
+use meshlet_identity::authz::PolicySet;
 use meshlet_proto::discovery::v1::discovery_client::DiscoveryClient;
 use meshlet_proto::discovery::v1::{WatchRequest, WatchResponse};
 use rustls::pki_types::CertificateDer;
@@ -147,11 +148,13 @@ impl Resolver {
     }
 }
 
-/// Streams the trust bundle into `tx` until `stop`.
+/// Streams the trust bundle into `tx`, and this workload's authorization policy into
+/// `policy`, until `stop`. A policy that does not parse leaves the previous one in force.
 pub async fn watch_bundle(
     channel: Channel,
     token_file: PathBuf,
     tx: watch::Sender<Vec<CertificateDer<'static>>>,
+    policy: watch::Sender<Arc<PolicySet>>,
     stop: CancellationToken,
 ) {
     follow(
@@ -161,7 +164,19 @@ pub async fn watch_bundle(
         &stop,
         || false,
         |msg| {
-            if !msg.trust_bundle.is_empty() {
+            if !msg.policy.is_empty() {
+            match serde_json::from_str::<PolicySet>(&msg.policy) {
+                Ok(p) => {
+                    policy.send_if_modified(|current| {
+                        let changed = **current != p;
+                        *current = Arc::new(p);
+                        changed
+                    });
+                }
+                Err(e) => tracing::error!(error = %e, "unreadable policy from the control plane; keeping the previous one"),
+            }
+        }
+        if !msg.trust_bundle.is_empty() {
                 let bundle: Vec<CertificateDer<'static>> = msg
                     .trust_bundle
                     .into_iter()

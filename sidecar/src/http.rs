@@ -138,6 +138,20 @@ async fn forward(
         .tracer
         .as_ref()
         .map(|t| trace::start_request(t, ctx.direction, &mut req, peer));
+    if let Some(authz) = &ctx.authz {
+        let decision = authz.request(req.method().as_str(), req.uri().path());
+        ctx.metrics.authz(ctx.direction, decision.allowed);
+        if !decision.allowed {
+            tracing::info!(method = %req.method(), path = req.uri().path(), peer, rule = %decision.rule, "request denied");
+            let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+            *resp.status_mut() = StatusCode::FORBIDDEN;
+            if let Some(span) = span {
+                span.deny(&decision.rule);
+                span.finish(403);
+            }
+            return resp;
+        }
+    }
     let wants_upgrade = req.headers().contains_key(http::header::UPGRADE);
     let downstream_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let response = match upstream.send(req).await {

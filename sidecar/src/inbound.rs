@@ -20,7 +20,9 @@ use crate::detect::{self, Hello};
 use crate::identity::Creds;
 use crate::io::{Prefixed, sniff};
 use crate::metrics::{ConnEvent, Direction, HandshakeError, Metrics, Refusal, TlsInfo};
-use crate::relay::{RelayCtx, connect, relay};
+use crate::relay::{InboundAuthz, RelayCtx, connect, relay};
+use meshlet_identity::SpiffeId;
+use meshlet_identity::authz::{ConnectionVerdict, MtlsMode, PolicySet, Target};
 
 /// What inbound accepts besides mutual TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -105,6 +107,8 @@ pub struct Inbound {
     pub sniff_timeout: Duration,
     pub drain: CancellationToken,
     pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    /// The authorization policy this workload enforces (from the control plane).
+    pub policy: watch::Receiver<Arc<PolicySet>>,
 }
 
 impl Inbound {
@@ -130,17 +134,32 @@ impl Inbound {
             .borrow()
             .clone()
             .filter(|c| c.valid_at(SystemTime::now()));
-        let plan = decide(classify(&first), self.mode, creds.is_some(), app, &self.own);
+        // The namespace's mTLS mode in the policy, if it sets one, overrides --inbound-mode.
+        let mode = creds
+            .as_ref()
+            .and_then(|c| {
+                Target::of(&c.id, app.port()).and_then(|t| self.policy.borrow().mode(t.namespace))
+            })
+            .map_or(self.mode, |m| match m {
+                MtlsMode::Strict => InboundMode::Strict,
+                MtlsMode::Permissive => InboundMode::Permissive,
+            });
+        let plan = decide(classify(&first), mode, creds.is_some(), app, &self.own);
         tracing::debug!(%dst, ?plan, "inbound");
         let conn = Prefixed::new(first, conn);
         match (plan, creds) {
             (Plan::Refuse(reason), _) => self.metrics.refuse(Direction::inbound, reason),
-            (Plan::Passthrough(app), _) => match connect(app, self.connect_timeout).await {
-                Ok(upstream) => relay(conn, upstream, self.ctx(None)).await,
-                Err(_) => self
-                    .metrics
-                    .refuse(Direction::inbound, Refusal::upstream_unreachable),
-            },
+            (Plan::Passthrough(app), creds) => {
+                let Ok(authz) = self.authorize(creds.as_deref(), app.port(), None) else {
+                    return;
+                };
+                match connect(app, self.connect_timeout).await {
+                    Ok(upstream) => relay(conn, upstream, self.ctx(None, authz)).await,
+                    Err(_) => self
+                        .metrics
+                        .refuse(Direction::inbound, Refusal::upstream_unreachable),
+                }
+            }
             (Plan::Terminate(app), Some(creds)) => self.terminate(conn, app, &creds).await,
             (Plan::Terminate(_), None) => self
                 .metrics
@@ -165,13 +184,16 @@ impl Inbound {
         let Some(peer) = peer else {
             return self.handshake_failed(HandshakeError::no_peer_certificate, "no client SVID");
         };
+        let Ok(authz) = self.authorize(Some(creds), app.port(), Some(peer.clone())) else {
+            return;
+        };
         let Ok(upstream) = connect(app, self.connect_timeout).await else {
             return self
                 .metrics
                 .refuse(Direction::inbound, Refusal::upstream_unreachable);
         };
         let info = TlsInfo::of(tls.get_ref().1, peer.to_string());
-        relay(tls, upstream, self.ctx(Some(info))).await;
+        relay(tls, upstream, self.ctx(Some(info), authz)).await;
     }
 
     fn handshake_failed(&self, reason: HandshakeError, detail: &str) {
@@ -185,7 +207,46 @@ impl Inbound {
             .refuse(Direction::inbound, Refusal::tls_handshake);
     }
 
-    fn ctx(&self, tls: Option<TlsInfo>) -> RelayCtx {
+    /// The connection-level authorization decision for `peer` (None: plaintext) calling
+    /// this workload on `port`. `Err`: denied (counted and logged; close the connection).
+    /// `Ok(Some)`: the policy to check each HTTP request against.
+    fn authorize(
+        &self,
+        creds: Option<&Creds>,
+        port: u16,
+        peer: Option<SpiffeId>,
+    ) -> Result<Option<Arc<InboundAuthz>>, ()> {
+        // Without our own identity no policy can select us: the mode alone decided.
+        let Some(target) = creds.and_then(|c| Target::of(&c.id, port)) else {
+            return Ok(None);
+        };
+        let verdict = self.policy.borrow().connection(&target, peer.as_ref());
+        let http_only = match verdict {
+            ConnectionVerdict::Allow(_) => {
+                self.metrics.authz(Direction::inbound, true);
+                false
+            }
+            ConnectionVerdict::PerRequest => true,
+            ConnectionVerdict::Deny(d) => {
+                self.metrics.authz(Direction::inbound, false);
+                self.metrics
+                    .refuse(Direction::inbound, Refusal::authz_denied);
+                let peer = peer.as_ref().map_or("plaintext", |p| p.as_str());
+                tracing::info!(peer, rule = %d.rule, "connection denied by policy");
+                return Err(());
+            }
+        };
+        Ok(Some(Arc::new(InboundAuthz {
+            policy: self.policy.clone(),
+            namespace: target.namespace.to_owned(),
+            service_account: target.service_account.to_owned(),
+            port,
+            peer,
+            http_only,
+        })))
+    }
+
+    fn ctx(&self, tls: Option<TlsInfo>, authz: Option<Arc<InboundAuthz>>) -> RelayCtx {
         RelayCtx {
             metrics: self.metrics.clone(),
             events: self.events.clone(),
@@ -194,6 +255,7 @@ impl Inbound {
             sniff_timeout: self.sniff_timeout,
             drain: self.drain.clone(),
             tracer: self.tracer.clone(),
+            authz,
         }
     }
 }

@@ -207,10 +207,13 @@ pub async fn run(
         control_roots,
     };
     tokio::spawn(identity::maintain(identity, bundle_rx, background.clone()));
+    let (policy_tx, policy) =
+        watch::channel(Arc::new(meshlet_identity::authz::PolicySet::default()));
     tokio::spawn(discovery::watch_bundle(
         channel.clone(),
         config.token_file.clone(),
         bundle_tx,
+        policy_tx,
         background.clone(),
     ));
     let resolver = discovery::Resolver::new(
@@ -244,6 +247,7 @@ pub async fn run(
         sniff_timeout: config.sniff_timeout,
         drain: draining.clone(),
         tracer,
+        policy: policy.clone(),
     });
     let tracker = TaskTracker::new();
     let explicit = config.app_addr.is_some();
@@ -305,6 +309,7 @@ pub async fn run(
     }
     let is_draining = Arc::new(AtomicBool::new(false));
     let admin_state = Arc::new(admin::AdminState {
+        policy,
         creds: creds.clone(),
         status,
         metrics: metrics.registry(),

@@ -38,6 +38,8 @@ pub enum Refusal {
     upstream_unreachable,
     /// The TLS handshake between sidecars failed (see the handshake errors metric).
     tls_handshake,
+    /// The authorization policy does not allow this caller.
+    authz_denied,
 }
 
 /// Why a TLS handshake between sidecars failed.
@@ -108,6 +110,19 @@ pub struct RefusalLabels {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
+pub enum AuthzResult {
+    allow,
+    deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub result: AuthzResult,
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
 pub enum RotationResult {
     success,
     failure,
@@ -136,6 +151,7 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     pub rotations: Family<RotationLabels, Counter>,
     pub traces: meshlet_telemetry::traces::TraceCounters,
+    pub authz: Family<AuthzLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -150,6 +166,7 @@ impl Default for Metrics {
             cert_expiry: Gauge::default(),
             rotations: Family::default(),
             traces: Default::default(),
+            authz: Family::default(),
         }
     }
 }
@@ -193,6 +210,11 @@ impl Metrics {
             self.rotations.clone(),
         );
         r.register(
+            "authz_decisions",
+            "Authorization decisions, by result",
+            self.authz.clone(),
+        );
+        r.register(
             "spans_dropped",
             "Spans dropped because the export queue was full",
             self.traces.dropped.clone(),
@@ -213,6 +235,17 @@ impl Metrics {
     pub fn refuse(&self, direction: Direction, reason: Refusal) {
         self.refused
             .get_or_create(&RefusalLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn authz(&self, direction: Direction, allowed: bool) {
+        let result = if allowed {
+            AuthzResult::allow
+        } else {
+            AuthzResult::deny
+        };
+        self.authz
+            .get_or_create(&AuthzLabels { result, direction })
             .inc();
     }
 

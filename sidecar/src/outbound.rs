@@ -159,6 +159,7 @@ impl Outbound {
             sniff_timeout: self.sniff_timeout,
             drain: self.drain.clone(),
             tracer: self.tracer.clone(),
+            authz: None,
         }
     }
 }

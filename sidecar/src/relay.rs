@@ -33,6 +33,35 @@ pub struct RelayCtx {
     pub drain: CancellationToken,
     /// Spans for requests and connections, when tracing is on.
     pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    /// Inbound: the policy each HTTP request is checked against.
+    pub authz: Option<Arc<InboundAuthz>>,
+}
+
+/// What an inbound connection's requests are checked against.
+#[derive(Debug)]
+pub struct InboundAuthz {
+    pub policy: tokio::sync::watch::Receiver<Arc<meshlet_identity::authz::PolicySet>>,
+    pub namespace: String,
+    pub service_account: String,
+    pub port: u16,
+    pub peer: Option<meshlet_identity::SpiffeId>,
+    /// Only HTTP rules allow this caller: anything but HTTP is refused.
+    pub http_only: bool,
+}
+
+impl InboundAuthz {
+    /// Decides one request with the policy of the moment.
+    pub fn request(&self, method: &str, path: &str) -> meshlet_identity::authz::Decision {
+        let target = meshlet_identity::authz::Target {
+            namespace: &self.namespace,
+            service_account: &self.service_account,
+            port: self.port,
+        };
+        let req = meshlet_identity::authz::Request { method, path };
+        self.policy
+            .borrow()
+            .request(&target, self.peer.as_ref(), req)
+    }
 }
 
 /// Relays `down` (the side that connected to us) and `up` (the side we connected to) until
@@ -72,6 +101,13 @@ where
     };
     let mut down = Counted::new(Prefixed::new(down_buf, down), record.bytes.clone());
     let mut up = Prefixed::new(up_buf, up);
+    if protocol == Protocol::Opaque && ctx.authz.as_ref().is_some_and(|a| a.http_only) {
+        ctx.metrics.authz(ctx.direction, false);
+        ctx.metrics
+            .refuse(ctx.direction, crate::metrics::Refusal::authz_denied);
+        tracing::info!("denied: only HTTP requests are allowed for this caller");
+        return;
+    }
     match protocol {
         Protocol::Opaque => {
             let peer = ctx.tls.as_ref().map(|t| t.peer.as_str());

@@ -177,6 +177,13 @@ pub fn start_request(
 }
 
 impl RequestSpan {
+    /// Marks the request as denied by the authorization policy.
+    pub fn deny(&self, rule: &str) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("meshlet.authz.result", "deny"));
+        span.set_attribute(KeyValue::new("meshlet.authz.rule", rule.to_owned()));
+    }
+
     /// Ends the span with the response status.
     pub fn finish(self, code: u16) {
         let span = self.cx.span();

@@ -26,9 +26,20 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub async fn start(cert_ttl: Duration) -> Self {
+        Self::start_with(cert_ttl, None).await
+    }
+
+    /// Starts a control plane enforcing the policy file `policy` (YAML or JSON), if given.
+    pub async fn start_with(cert_ttl: Duration, policy: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::parse("cluster.local").unwrap();
-        let config = meshlet_control::Config::local(dir.path().to_owned(), td, cert_ttl).unwrap();
+        let mut config =
+            meshlet_control::Config::local(dir.path().to_owned(), td, cert_ttl).unwrap();
+        if let Some(policy) = policy {
+            let path = dir.path().join("policy.yaml");
+            std::fs::write(&path, policy).unwrap();
+            config.policy_file = Some(path);
+        }
         let listeners = meshlet_control::Listeners::bind(config.grpc_addr, config.admin_addr)
             .await
             .unwrap();
