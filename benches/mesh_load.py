@@ -6,8 +6,9 @@ sidecar pair (mutual TLS) and through peer proxies (stunnel, HAProxy L4 and L7),
 
 Needs nginx and wrk (Debian: nginx wrk); stunnel4 and haproxy are optional peers. The
 fixed-rate latency test uses its own open-loop client (fixed_rate_client). Needs
-target/release/meshlet-control, meshlet-proxy and meshletctl (`cargo build --release`). Every process it starts is stopped at the end, also on error or
-Ctrl-C. See benches/README.md for what each figure means.
+target/release/meshlet-control, meshlet-proxy and meshletctl (`cargo build --release`).
+Every process it starts is stopped at the end, also on error, Ctrl-C or SIGTERM. See
+benches/README.md for what each figure means and how it is measured.
 """
 import argparse
 import collections
@@ -139,6 +140,21 @@ def rss_mib(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def own_cpu(procs):
+    """CPU-seconds of this script, its reaped children, and every live process in a group it started."""
+    total = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                for f in ("ru_utime", "ru_stime"))
+    groups = {p.pid for _, p in procs.live}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) in groups:  # process group
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
 
 
 def cpu_times():
@@ -582,22 +598,36 @@ def start_setups(procs, tmp, bins, only):
     return setups, skipped
 
 
-def run_round(procs, tmp, setups, rnd, rounds, fixed_s, warm_s, wrk_s):
-    """Each test for every setup in turn (the order rotates per round), so setups interleave."""
+def wait_quiet(limit):
+    """Waits (polling every 10 s, at most `limit` s) until no cargo/rustc ran for two checks."""
+    deadline, quiet = time.monotonic() + limit, 0
+    while quiet < 2 and time.monotonic() < deadline:
+        quiet = 0 if builds_running() else quiet + 1
+        if quiet < 2:
+            print("  waiting for cargo/rustc to finish ..." if quiet == 0 else "  quiet; checking again ...")
+            time.sleep(10)
+    return quiet >= 2
+
+
+def run_round(procs, tmp, setups, rnd, rounds, durations):
+    """Each test for every setup in turn (the order rotates per round), so setups interleave.
+    Notes every cargo/rustc seen running between two measurements."""
+    fixed_s, warm_s, wrk_s = durations
     order = setups[rnd % len(setups):] + setups[:rnd % len(setups)]
-    res = {s.name: {} for s in setups}
-    busy = builds_running()
+    res, busy = {s.name: {} for s in setups}, set(builds_running())
+    (b0, t0), own0 = cpu_times(), own_cpu(procs)
     print(f"\nround {rnd + 1}/{rounds}: " + ", ".join(s.name for s in order))
-    for s in order:
-        res[s.name]["fixed"] = measure_fixed_rate(s, fixed_s, warm_s)
-        time.sleep(0.5)
-    for s in order:
-        res[s.name]["max"] = run_wrk(procs, s, MAX_CONNS, wrk_s, sample_rss=True)
-        time.sleep(0.5)
-    for s in order:
-        res[s.name]["close"] = run_wrk(procs, s, CLOSE_CONNS, wrk_s, script=str(write_close_lua(tmp)))
-        time.sleep(1.0)  # let TIME_WAIT sockets and handshakes settle
+    tests = (("fixed", lambda s: measure_fixed_rate(s, fixed_s, warm_s), 0.5),
+             ("max", lambda s: run_wrk(procs, s, MAX_CONNS, wrk_s, sample_rss=True), 0.5),
+             ("close", lambda s: run_wrk(procs, s, CLOSE_CONNS, wrk_s, script=str(write_close_lua(tmp))), 1.0))
+    for key, test, pause in tests:
+        for s in order:
+            res[s.name][key] = test(s)
+            busy.update(builds_running())
+            time.sleep(pause)  # close: lets TIME_WAIT sockets and handshakes settle
     time.sleep(1.0)
+    (b1, t1), own1 = cpu_times(), own_cpu(procs)
+    res["foreign_cpu_share"] = max(0.0, ((b1 - b0) / TICKS - (own1 - own0)) / max((t1 - t0) / TICKS, 1e-9))
     for s in setups:
         res[s.name]["rss_idle_mib"] = {label: rss_mib(pid) for label, pid in s.proxies}
         res[s.name]["memory_idle"] = {label: mem_detail(pid) for label, pid in s.proxies}
@@ -605,10 +635,27 @@ def run_round(procs, tmp, setups, rnd, rounds, fixed_s, warm_s, wrk_s):
         errs = f["failed"] + f["non_200"] + m["socket_errors"] + m["non_2xx"] + c["socket_errors"] + c["non_2xx"]
         print(f"  {s.name:11s} p50 {f['p50_ms']:.3f} p99 {f['p99_ms']:.3f} ms at {f['achieved_rps']:.0f} rps"
               f" | max {m['rps']:,.0f} req/s | close {c['rps']:,.0f} conn/s" + (f" | ERRORS {errs}" if errs else ""))
-    res["builds_running"] = sorted(set(busy + builds_running()))
-    if res["builds_running"]:
-        print(f"  note: {', '.join(res['builds_running'])} ran during this round")
+    res["builds_running"] = sorted(busy)
+    print(f"  other processes used {res['foreign_cpu_share']:.1%} of all CPU time in this round"
+          + (f"; {', '.join(sorted(busy))} ran during it" if busy else ""))
     return res
+
+
+def run_rounds(procs, tmp, setups, rounds, durations, wait_limit):
+    """The rounds; with wait_limit > 0, each waits for a quiet machine and one disturbed by a
+    cargo/rustc run is repeated (at most twice per round; discarded rounds are kept apart)."""
+    kept, discarded = [], []
+    for rnd in range(rounds):
+        for attempt in range(3):
+            if wait_limit and not wait_quiet(wait_limit):
+                print(f"  still busy after {wait_limit} s; measuring anyway")
+            res = run_round(procs, tmp, setups, rnd, rounds, durations)
+            if not (wait_limit and res["builds_running"] and attempt < 2):
+                break
+            print("  round disturbed by a build: repeating it")
+            discarded.append(res)
+        kept.append(res)
+    return kept, discarded
 
 
 def main():
@@ -617,10 +664,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 round, short runs: a smoke test (< 60 s)")
     ap.add_argument("--json", default=str(ROOT / "target" / "mesh-load.json"))
     ap.add_argument("--bin-dir", default=str(ROOT / "target" / "release"))
+    ap.add_argument("--wait-quiet", type=int, default=1200, metavar="SECONDS",
+                    help="before each round wait up to this long for no cargo/rustc, and repeat a round one "
+                         "ran in (0: never wait; --quick: 0)")
     ap.add_argument("--only", default="", help="comma-separated peers to run (stunnel,haproxy-l4,haproxy-l7)")
     args = ap.parse_args()
     rounds = 1 if args.quick else max(1, args.rounds)
-    fixed_s, warm_s, wrk_s = (2, 1, 2) if args.quick else (10, 2, 5)
+    durations = (2, 1, 2) if args.quick else (10, 2, 5)  # fixed-rate s, its warm-up s, each wrk s
+    wait_limit = 0 if args.quick else max(0, args.wait_quiet)
     bins = Path(args.bin_dir)
     for tool in ("nginx", "wrk", "openssl", "taskset"):
         if not shutil.which(tool):
@@ -639,19 +690,19 @@ def main():
     machine["idle_share_before"] = 1 - (b1 - b0) / max(t1 - t0, 1)
     print(f"machine: {machine['nproc']} x {machine['cpu_model']}, load average {' '.join(machine['loadavg'])}, "
           f"{machine['idle_share_before']:.0%} idle in the 2 s before start"
-          + (f"; BUSY: {', '.join(machine['cargo_or_rustc_running'])} running" if machine["cargo_or_rustc_running"] else ""))
+          + (f"; BUSY: {', '.join(busy)} running" if (busy := machine["cargo_or_rustc_running"]) else ""))
     print("pinning: " + (f"load generators on core {LOADGEN_CPU}; nginx, proxies and control plane on core "
                          f"{SERVER_CPU}" if pin else "none (one core)"))
 
     signal.signal(signal.SIGTERM, on_sigterm)
     tmp = Path(tempfile.mkdtemp(prefix="mesh-load-"))
     procs = Procs(tmp, pin)
-    start_busy = cpu_times()
+    start_busy, own_start = cpu_times(), own_cpu(procs)
     try:
         setups, skipped = start_setups(procs, tmp, bins, {x for x in args.only.split(",") if x})
         fresh = {s.name: {label: rss_mib(pid) for label, pid in s.proxies} for s in setups}
         fresh_detail = {label: mem_detail(pid) for label, pid in setups[1].proxies}
-        all_rounds = [run_round(procs, tmp, setups, r, rounds, fixed_s, warm_s, wrk_s) for r in range(rounds)]
+        all_rounds, discarded = run_rounds(procs, tmp, setups, rounds, durations, wait_limit)
         figs = figures(all_rounds, setups)
         print_tables(figs, setups, fresh)
         targets = check_targets(figs["meshlet"])
@@ -662,22 +713,21 @@ def main():
         raise
     finally:
         procs.stop_all()
-    end_busy = cpu_times()
-    ours = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for f in ("ru_utime", "ru_stime"))
-    all_cpu = (end_busy[1] - start_busy[1]) / TICKS
-    machine["foreign_cpu_share"] = max(0.0, ((end_busy[0] - start_busy[0]) / TICKS - ours) / max(all_cpu, 1e-9))
+    (end_busy, end_total), own_end = cpu_times(), own_cpu(procs)
+    machine["foreign_cpu_share"] = max(0.0, ((end_busy - start_busy[0]) / TICKS - (own_end - own_start))
+                                       / max((end_total - start_busy[1]) / TICKS, 1e-9))
     machine["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    print(f"\nmachine during the run: {machine['foreign_cpu_share']:.1%} of all CPU time went to processes this "
-          f"harness did not start; load average at the end {' '.join(machine['loadavg_end'])}")
+    print(f"\nmachine during the whole run (waits included): {machine['foreign_cpu_share']:.1%} of all CPU time "
+          f"went to processes this harness did not start; load average at the end {' '.join(machine['loadavg_end'])}")
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine, "pinned": pin, "skipped": skipped, "rss_at_start_mib": fresh,
               "config": {"rounds": rounds, "quick": args.quick, "fixed_rate_rps": RATE, "fixed_conns": LAT_CONNS,
-                         "fixed_seconds": fixed_s, "warmup_seconds": warm_s, "wrk_seconds": wrk_s,
+                         "fixed_seconds": durations[0], "warmup_seconds": durations[1], "wrk_seconds": durations[2],
                          "max_conns": MAX_CONNS, "close_conns": CLOSE_CONNS, "body_bytes": len(BODY)},
               "setups": {s.name: {"port": s.port, "proxies": [p for p, _ in s.proxies], "note": s.note}
                          for s in setups},
-              "rounds": all_rounds, "figures": figs, "targets": targets, "meshlet_health": health}
+              "rounds": all_rounds, "discarded_rounds": discarded, "figures": figs, "targets": targets,
+              "meshlet_health": health}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
