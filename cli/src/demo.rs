@@ -214,6 +214,11 @@ async fn sidecar(
         sniff_timeout: Duration::from_millis(300),
         discovery_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(5),
+        max_connections: 10_000,
+        max_header_bytes: 64 * 1024,
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(3600),
+        http2_max_streams: 256,
         tracing: meshlet_telemetry::traces::TraceConfig::from_env(|k| std::env::var(k).ok())?,
     };
     let listeners = meshlet_proxy::Listeners::bind(&config).await?;

@@ -82,6 +82,23 @@ pub struct RunArgs {
     /// Limit for connecting to a destination and for a TLS handshake.
     #[arg(long, env = "MESHLET_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// Connections handled at once (all listeners together); more are closed at once and
+    /// counted (`reason="connection_limit"`).
+    #[arg(long, env = "MESHLET_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// The largest HTTP request head accepted (HTTP/1 header buffer, HTTP/2 header list).
+    #[arg(long, env = "MESHLET_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Limit for a TLS handshake between sidecars.
+    #[arg(long, env = "MESHLET_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// An opaque TCP connection with no bytes either way for this long is closed; HTTP
+    /// connections wait this long for a request's headers.
+    #[arg(long, env = "MESHLET_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams a client may have open on one connection.
+    #[arg(long, env = "MESHLET_HTTP2_MAX_STREAMS", default_value_t = 256)]
+    pub http2_max_streams: u32,
     /// Tracing, from the standard `OTEL_*` variables (read in `main`; None: off).
     #[arg(skip)]
     pub tracing: Option<meshlet_telemetry::traces::TraceConfig>,

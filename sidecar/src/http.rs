@@ -76,6 +76,10 @@ where
         Protocol::Http2 => {
             let conn = server2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(ctx.limits.http2_max_streams)
+                .max_header_list_size(
+                    u32::try_from(ctx.limits.max_header_bytes).unwrap_or(u32::MAX),
+                )
                 .serve_connection(io, service);
             tokio::pin!(conn);
             tokio::select! {
@@ -89,7 +93,8 @@ where
         _ => {
             let conn = server1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(HEADER_READ_TIMEOUT.min(ctx.limits.idle_timeout))
+                .max_buf_size(ctx.limits.max_header_bytes.max(8192))
                 .serve_connection(io, service)
                 .with_upgrades();
             tokio::pin!(conn);

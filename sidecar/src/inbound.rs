@@ -20,7 +20,7 @@ use crate::detect::{self, Hello};
 use crate::identity::Creds;
 use crate::io::{Prefixed, sniff};
 use crate::metrics::{ConnEvent, Direction, HandshakeError, Metrics, Refusal, TlsInfo};
-use crate::relay::{InboundAuthz, RelayCtx, connect, relay};
+use crate::relay::{InboundAuthz, Limits, RelayCtx, connect, relay};
 use meshlet_identity::SpiffeId;
 use meshlet_identity::authz::{ConnectionVerdict, MtlsMode, PolicySet, Target};
 
@@ -104,7 +104,7 @@ pub struct Inbound {
     pub own: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
-    pub sniff_timeout: Duration,
+    pub limits: Limits,
     pub drain: CancellationToken,
     pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
     /// The authorization policy this workload enforces (from the control plane).
@@ -120,7 +120,7 @@ impl Inbound {
         if sniff(
             &mut conn,
             &mut first,
-            self.sniff_timeout,
+            self.limits.sniff_timeout,
             detect::MAX_SNIFF,
             enough,
         )
@@ -252,7 +252,7 @@ impl Inbound {
             events: self.events.clone(),
             direction: Direction::inbound,
             tls,
-            sniff_timeout: self.sniff_timeout,
+            limits: self.limits,
             drain: self.drain.clone(),
             tracer: self.tracer.clone(),
             authz,

@@ -179,6 +179,12 @@ pub async fn run(
     let draining = CancellationToken::new();
     let background = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
+    let limits = relay::Limits {
+        sniff_timeout: config.sniff_timeout,
+        idle_timeout: config.idle_timeout,
+        max_header_bytes: config.max_header_bytes,
+        http2_max_streams: config.http2_max_streams,
+    };
     let provider = match &config.tracing {
         Some(tc) => Some(
             meshlet_telemetry::traces::start(
@@ -230,8 +236,8 @@ pub async fn run(
         events: events.clone(),
         own: own.clone(),
         connect_timeout: config.connect_timeout,
-        handshake_timeout: config.connect_timeout,
-        sniff_timeout: config.sniff_timeout,
+        handshake_timeout: config.handshake_timeout,
+        limits,
         drain: draining.clone(),
         tracer: tracer.clone(),
     });
@@ -243,20 +249,27 @@ pub async fn run(
         app_addr: config.app_addr,
         own,
         connect_timeout: config.connect_timeout,
-        handshake_timeout: config.connect_timeout,
-        sniff_timeout: config.sniff_timeout,
+        handshake_timeout: config.handshake_timeout,
+        limits,
         drain: draining.clone(),
         tracer,
         policy: policy.clone(),
     });
     let tracker = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let accept = |direction| Acceptor {
+        stop: accepting.clone(),
+        tracker: tracker.clone(),
+        slots: slots.clone(),
+        metrics: metrics.clone(),
+        direction,
+    };
     let explicit = config.app_addr.is_some();
     {
         let (outbound, metrics) = (outbound.clone(), metrics.clone());
         tokio::spawn(accept_loop(
             listeners.outbound,
-            accepting.clone(),
-            tracker.clone(),
+            accept(Direction::outbound),
             move |conn| {
                 let (outbound, metrics) = (outbound.clone(), metrics.clone());
                 async move {
@@ -274,8 +287,7 @@ pub async fn run(
         let outbound = outbound.clone();
         tokio::spawn(accept_loop(
             listener,
-            accepting.clone(),
-            tracker.clone(),
+            accept(Direction::outbound),
             move |conn| {
                 outbound
                     .clone()
@@ -288,8 +300,7 @@ pub async fn run(
         let app_addr = config.app_addr;
         tokio::spawn(accept_loop(
             listeners.inbound,
-            accepting.clone(),
-            tracker.clone(),
+            accept(Direction::inbound),
             move |conn| {
                 let (inbound, metrics) = (inbound.clone(), metrics.clone());
                 async move {
@@ -361,23 +372,37 @@ struct Addresses {
     routes: Vec<SocketAddr>,
 }
 
-/// Accepts until `stop`, handing each connection to `handle` as a tracked task.
-async fn accept_loop<F, Fut>(
-    listener: TcpListener,
+/// What every accept loop shares: when to stop, the tasks to drain, the connection slots.
+struct Acceptor {
     stop: CancellationToken,
     tracker: TaskTracker,
-    handle: F,
-) where
+    slots: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<Metrics>,
+    direction: Direction,
+}
+
+/// Accepts until `stop`, handing each connection to `handle` as a tracked task that holds
+/// one of `--max-connections` slots; without a free slot the connection is closed at once.
+async fn accept_loop<F, Fut>(listener: TcpListener, a: Acceptor, handle: F)
+where
     F: Fn(TcpStream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = a.stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((conn, _)) => {
+                    let Ok(slot) = a.slots.clone().try_acquire_owned() else {
+                        a.metrics.refuse(a.direction, Refusal::connection_limit);
+                        continue;
+                    };
                     let _ = conn.set_nodelay(true);
-                    tracker.spawn(handle(conn));
+                    let work = handle(conn);
+                    a.tracker.spawn(async move {
+                        work.await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: existing connections go on.

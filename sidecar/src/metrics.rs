@@ -40,6 +40,8 @@ pub enum Refusal {
     tls_handshake,
     /// The authorization policy does not allow this caller.
     authz_denied,
+    /// `--max-connections` were already open.
+    connection_limit,
 }
 
 /// Why a TLS handshake between sidecars failed.

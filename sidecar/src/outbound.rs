@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::discovery::{Resolution, Resolver};
 use crate::identity::Creds;
 use crate::metrics::{ConnEvent, Direction, HandshakeError, Metrics, Refusal, TlsInfo};
-use crate::relay::{RelayCtx, connect, relay};
+use crate::relay::{Limits, RelayCtx, connect, relay};
 
 /// What to do with one outbound connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +70,7 @@ pub struct Outbound {
     pub own: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
-    pub sniff_timeout: Duration,
+    pub limits: Limits,
     pub drain: CancellationToken,
     pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
@@ -156,7 +156,7 @@ impl Outbound {
             events: self.events.clone(),
             direction: Direction::outbound,
             tls,
-            sniff_timeout: self.sniff_timeout,
+            limits: self.limits,
             drain: self.drain.clone(),
             tracer: self.tracer.clone(),
             authz: None,

@@ -28,13 +28,27 @@ pub struct RelayCtx {
     pub direction: Direction,
     /// Set when the hop between sidecars is mutual TLS: what was verified.
     pub tls: Option<TlsInfo>,
-    pub sniff_timeout: Duration,
+    pub limits: Limits,
     /// Cancelled when the sidecar drains: HTTP connections finish their requests and close.
     pub drain: CancellationToken,
     /// Spans for requests and connections, when tracing is on.
     pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
     /// Inbound: the policy each HTTP request is checked against.
     pub authz: Option<Arc<InboundAuthz>>,
+}
+
+/// The limits every proxied connection keeps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// How long to wait for a connection's first bytes before treating it as opaque.
+    pub sniff_timeout: Duration,
+    /// Opaque TCP: closed after this long without a byte either way. HTTP: the longest wait
+    /// for a request's headers (at most [`crate::http::HEADER_READ_TIMEOUT`]).
+    pub idle_timeout: Duration,
+    /// The largest HTTP request head.
+    pub max_header_bytes: usize,
+    /// HTTP/2 streams open at once per connection.
+    pub http2_max_streams: u32,
 }
 
 /// What an inbound connection's requests are checked against.
@@ -82,7 +96,7 @@ where
     let mut up_buf = BytesMut::new();
     let protocol = if ctx.tls.is_some() {
         tokio::select! {
-            sniffed = sniff(&mut down, &mut down_buf, ctx.sniff_timeout, detect::MAX_SNIFF, |b| detect::protocol(b).is_some()) => {
+            sniffed = sniff(&mut down, &mut down_buf, ctx.limits.sniff_timeout, detect::MAX_SNIFF, |b| detect::protocol(b).is_some()) => {
                 match sniffed {
                     Ok(()) => detect::protocol(&down_buf).unwrap_or(Protocol::Opaque),
                     Err(_) => return,
@@ -115,9 +129,7 @@ where
                 .tracer
                 .as_ref()
                 .map(|t| TcpSpan::start(t, ctx.direction, peer));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                tracing::debug!(error = %e, "TCP relay ended with an error");
-            }
+            copy_until_idle(&mut down, &mut up, &record.bytes, ctx.limits.idle_timeout).await;
             if let Some(span) = span {
                 span.finish(record.bytes.load(std::sync::atomic::Ordering::Relaxed));
             }
@@ -125,6 +137,43 @@ where
         Protocol::Http1 | Protocol::Http2 => http::proxy(down, up, protocol, &ctx).await,
     }
     drop(record);
+}
+
+/// Copies both ways with half-close until both sides are done, or until no byte moved
+/// for `idle`.
+async fn copy_until_idle<A, B>(
+    a: &mut A,
+    b: &mut B,
+    bytes: &std::sync::atomic::AtomicU64,
+    idle: Duration,
+) where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use std::sync::atomic::Ordering;
+    let copy = tokio::io::copy_bidirectional(a, b);
+    tokio::pin!(copy);
+    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
+    let (mut seen, mut since) = (bytes.load(Ordering::Relaxed), tokio::time::Instant::now());
+    loop {
+        tokio::select! {
+            done = &mut copy => {
+                if let Err(e) = done {
+                    tracing::debug!(error = %e, "TCP relay ended with an error");
+                }
+                return;
+            }
+            _ = tick.tick() => {
+                let now = bytes.load(Ordering::Relaxed);
+                if now != seen {
+                    (seen, since) = (now, tokio::time::Instant::now());
+                } else if since.elapsed() >= idle {
+                    tracing::debug!(?idle, "idle TCP connection closed");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Connects to `dst` within `timeout`, with Nagle off.

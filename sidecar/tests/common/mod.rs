@@ -101,6 +101,11 @@ pub fn sidecar_config(cp: &ControlPlane, token_file: PathBuf) -> Config {
         sniff_timeout: Duration::from_millis(300),
         discovery_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(2),
+        max_connections: 10_000,
+        max_header_bytes: 64 * 1024,
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(3600),
+        http2_max_streams: 256,
         tracing: None,
     }
 }
