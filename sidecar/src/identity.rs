@@ -30,6 +30,8 @@ pub const CERTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest wait between failed attempts.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The longest wait between attempts while the sidecar has no valid certificate.
+pub const UNCERTIFIED_RETRY: Duration = Duration::from_secs(1);
 
 /// What the data path needs to speak mutual TLS, as of one certificate and bundle.
 #[derive(Debug)]
@@ -163,10 +165,16 @@ pub async fn maintain(
                     }
                     Err(e) => {
                         task.metrics.rotations.get_or_create(&RotationLabels { result: RotationResult::failure }).inc();
-                        let wait = backoff(failures);
+                        // Without a valid certificate nothing is meshed: retry at least every second.
+                        let valid = current.as_ref().is_some_and(|i| SystemTime::from(i.summary.not_after) > SystemTime::now());
+                        let wait = if valid { backoff(failures) } else { backoff(failures).min(UNCERTIFIED_RETRY) };
                         failures = failures.saturating_add(1);
                         next = tokio::time::Instant::now() + wait;
-                        tracing::warn!(error = %e, retry_in = ?wait, have_certificate = current.is_some(), "certificate request failed");
+                        if current.is_some() && !valid {
+                            tracing::error!(error = %e, retry_in = ?wait, "the certificate has expired and renewal fails: mesh traffic is refused until it succeeds");
+                        } else {
+                            tracing::warn!(error = %e, retry_in = ?wait, have_certificate = valid, "certificate request failed");
+                        }
                         let mut status = (**task.status.load()).clone();
                         status.last_error = Some(e.to_string());
                         task.status.store(Arc::new(status));

@@ -128,3 +128,60 @@ async fn traffic_goes_on_when_the_control_plane_stops() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_sidecar_started_before_the_control_plane_is_ready_soon_after_it() {
+    // Reserve the control plane's address, start the sidecar against it while nothing
+    // listens there, let it fail a few times, then start the control plane on that address.
+    let dir = tempfile::tempdir().unwrap();
+    let td = meshlet_identity::TrustDomain::parse("cluster.local").unwrap();
+    let first = ControlPlane::start(Duration::from_secs(3600)).await;
+    let bundle = first.bundle_file.clone();
+    let token = first.token_file("demo", "late");
+    let (ca_dir, data) = (first.dir.path().to_owned(), dir.path().to_owned());
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = sidecar_config(&first, token);
+    config.control_addr = grpc.to_string();
+    config.trust_bundle = bundle;
+    let mut sidecar = Sidecar::start(config).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // a few failed attempts, backoff growing
+    assert_eq!(http_get(sidecar.r().admin_addr, "/ready").await.0, 503);
+
+    let mut cp_config =
+        meshlet_control::Config::local(data, td, Duration::from_secs(3600)).unwrap();
+    cp_config.ca_dir = Some(ca_dir.join("ca"));
+    cp_config.local_tokens = true;
+    std::fs::copy(
+        ca_dir.join("token-signing.key"),
+        cp_config.data_dir.join("token-signing.key"),
+    )
+    .unwrap();
+    let listeners = meshlet_control::Listeners {
+        grpc: tokio::net::TcpListener::bind(grpc).await.unwrap(),
+        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        webhook: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let second = meshlet_control::run(cp_config, listeners, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let back = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), sidecar.r().ready())
+        .await
+        .expect("ready soon after the control plane returned");
+    // Retries are at most 1 s apart without a certificate; the rest is one Certify round trip.
+    assert!(
+        back.elapsed() < Duration::from_secs(2),
+        "ready only after {:?}",
+        back.elapsed()
+    );
+    sidecar.stop().await;
+    let _ = stop.send(());
+    second.wait().await.unwrap();
+    drop(first);
+}
