@@ -186,9 +186,9 @@ async fn sidecar(
 ) -> anyhow::Result<meshlet_proxy::Running> {
     let signer = LocalSigner::load_or_create(data_dir)?;
     let token_file = data_dir.join(format!("{sa}.token"));
-    std::fs::write(
+    write_private(
         &token_file,
-        signer.mint(
+        &signer.mint(
             "demo",
             sa,
             Some(&format!("{sa}-0")),
@@ -430,4 +430,17 @@ fn random_hex(n: usize) -> String {
         .secure_random
         .fill(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a bearer token readable by its owner only (mode 0600, set at creation).
+pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())
 }

@@ -289,9 +289,9 @@ async fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
     }
     for (ns, host, mode) in [("b", 3u8, "strict"), ("a", 2, "permissive")] {
         let token = lab.dir.path().join(format!("{ns}.token"));
-        std::fs::write(
+        crate::demo::write_private(
             &token,
-            signer.mint(
+            &signer.mint(
                 "shop",
                 if ns == "a" { "frontend" } else { "orders" },
                 Some(&format!("{ns}-pod")),

@@ -76,11 +76,14 @@ pub struct CaHandle {
     pub cert_ttl: Duration,
     pub admins: Vec<SpiffeId>,
     pub expiry: Family<CaCertLabels, Gauge>,
+    /// One rotation step at a time: each rewrites files the next one reads.
+    pub rotating: std::sync::Mutex<()>,
 }
 
 impl CaHandle {
     /// Rotation step 1: a new root joins the bundle.
     pub fn add_root(&self) -> Result<(), RotateError> {
+        let _one = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
         self.writable()?;
         ca::add_root(&self.dir, &self.trust_domain, OffsetDateTime::now_utc())?;
         self.apply()
@@ -88,6 +91,7 @@ impl CaHandle {
 
     /// Rotation step 2: a new intermediate under the newest root issues from now on.
     pub fn rotate_intermediate(&self) -> Result<(), RotateError> {
+        let _one = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
         self.writable()?;
         ca::new_intermediate(&self.dir, &self.trust_domain, OffsetDateTime::now_utc())?;
         self.apply()
@@ -95,6 +99,7 @@ impl CaHandle {
 
     /// Rotation step 3: the root with `serial` leaves the bundle.
     pub fn retire_root(&self, serial: &str) -> Result<(), RotateError> {
+        let _one = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
         self.writable()?;
         ca::retire_root(&self.dir, serial)?;
         self.apply()
@@ -102,6 +107,7 @@ impl CaHandle {
 
     /// Re-reads the CA folder (after its files were changed from outside).
     pub fn reload(&self) -> Result<(), RotateError> {
+        let _one = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
         self.apply()
     }
 

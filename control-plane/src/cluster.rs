@@ -68,7 +68,7 @@ impl Cluster {
         let reviewed = api
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|e| TokenError::Malformed(format!("the TokenReview failed: {e}")))?;
+            .map_err(|e| TokenError::Unavailable(format!("the TokenReview failed: {e}")))?;
         let status = reviewed.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             return Err(TokenError::Signature);

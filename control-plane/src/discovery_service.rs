@@ -27,6 +27,9 @@ pub type Bundle = Arc<Vec<Vec<u8>>>;
 #[derive(Debug)]
 pub struct DiscoveryService {
     pub auth: Arc<Authenticator>,
+    /// With `--token-review`, tokens are checked by the cluster, as for Certify.
+    pub cluster: Option<crate::cluster::Cluster>,
+    pub token_review: bool,
     pub registry: Arc<Registry>,
     pub bundle: watch::Receiver<Bundle>,
     pub policy: watch::Receiver<Arc<PolicySet>>,
@@ -42,10 +45,11 @@ impl Discovery for DiscoveryService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
-        let workload = self
-            .auth
-            .authenticate(&request.token)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let authenticated = match (&self.cluster, self.token_review) {
+            (Some(cluster), true) => cluster.review_token(&request.token).await,
+            _ => self.auth.authenticate(&request.token),
+        };
+        let workload = authenticated.map_err(|e| Status::unauthenticated(e.to_string()))?;
         let address = parse_address(&request.address)?;
         let exact = address.as_deref().map(|a| self.registry.watch_address(a));
         let by_ip = address

@@ -34,6 +34,8 @@ pub struct IdentityService {
     /// With `--kubernetes`: pod IP ownership checks, and TokenReview when `token_review`.
     pub cluster: Option<Cluster>,
     pub token_review: bool,
+    /// The control plane's own SPIFFE ID: never issued to a workload (sidecars trust it).
+    pub control_identity: SpiffeId,
 }
 
 impl IdentityService {
@@ -90,8 +92,13 @@ impl IdentityService {
             (Some(cluster), true) => cluster.review_token(&req.token).await,
             _ => self.auth.authenticate(&req.token),
         };
-        let workload = authenticated
-            .map_err(|e| self.refuse(e.reason(), Status::unauthenticated(e.to_string())))?;
+        let workload = authenticated.map_err(|e| {
+            let status = match e {
+                crate::token::TokenError::Unavailable(_) => Status::unavailable(e.to_string()),
+                _ => Status::unauthenticated(e.to_string()),
+            };
+            self.refuse(e.reason(), status)
+        })?;
         let id = SpiffeId::for_service_account(
             &self.trust_domain,
             &workload.namespace,
@@ -103,6 +110,14 @@ impl IdentityService {
                 Status::unauthenticated(format!("the token's names do not form a SPIFFE ID: {e}")),
             )
         })?;
+        if id == self.control_identity {
+            return Err(self.refuse(
+                "reserved_identity",
+                Status::permission_denied(format!(
+                    "{id} is the control plane's identity and is never issued to a workload"
+                )),
+            ));
+        }
         let key = check_csr(&req.csr, &id).map_err(|e| {
             let status = match e {
                 CsrError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),

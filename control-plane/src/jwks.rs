@@ -39,8 +39,14 @@ pub enum JwksError {
 }
 
 impl JwksSource {
-    /// Fetches the document once.
+    /// Fetches the document once, within 10 s.
     pub async fn fetch(&self) -> Result<Vec<u8>, JwksError> {
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.fetch_unbounded())
+            .await
+            .map_err(|_| JwksError::Fetch("no answer within 10 s".into()))?
+    }
+
+    async fn fetch_unbounded(&self) -> Result<Vec<u8>, JwksError> {
         let url = &self.url;
         let https = match url.scheme_str() {
             Some("https") => true,

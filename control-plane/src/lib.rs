@@ -171,6 +171,7 @@ pub async fn run(
         cert_ttl: config.cert_ttl,
         admins: config.admin_identities.clone(),
         expiry: Default::default(),
+        rotating: Default::default(),
     });
     ca_handle.update_metrics();
     prom.sub_registry_with_prefix("meshlet").register(
@@ -188,6 +189,7 @@ pub async fn run(
         cert_ttl: config.cert_ttl,
         cluster: config.cluster.clone(),
         token_review: config.token_review,
+        control_identity: config.identity.clone(),
     });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(meshlet_proto::FILE_DESCRIPTOR_SET)
@@ -214,9 +216,19 @@ pub async fn run(
                 stop.clone(),
             ));
         }
-        (None, None) => drop(policy_tx),
+        // No source: the policy never changes, but the sender must live (a closed channel
+        // would end every sidecar's bundle stream).
+        (None, None) => {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                drop(policy_tx);
+            });
+        }
     }
     let discovery = DiscoveryService {
+        cluster: config.cluster.clone(),
+        token_review: config.token_review,
         auth: auth.clone(),
         registry: registry.clone(),
         bundle: bundle_rx,

@@ -25,6 +25,7 @@ pub enum RejectReason {
     bad_pod_ip,
     address_not_owned,
     cluster_unavailable,
+    reserved_identity,
     ca_error,
 }
 
@@ -48,6 +49,7 @@ impl RejectReason {
             "bad_pod_ip" => Self::bad_pod_ip,
             "address_not_owned" => Self::address_not_owned,
             "cluster_unavailable" => Self::cluster_unavailable,
+            "reserved_identity" => Self::reserved_identity,
             _ => Self::ca_error,
         }
     }

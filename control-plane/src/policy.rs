@@ -145,11 +145,23 @@ async fn list_cluster(cluster: &Cluster) -> Result<PolicySet, PolicyError> {
         let mut spec = ap.data.get("spec").cloned().unwrap_or_default();
         spec["name"] = serde_json::json!(name);
         spec["namespace"] = serde_json::json!(namespace);
+        let service_account = spec["serviceAccount"].as_str().map(str::to_owned);
         match serde_json::from_value::<AccessPolicy>(spec) {
             Ok(p) => set.policies.push(p),
-            // One bad resource must not open or close the whole mesh: skip it, loudly.
+            // A policy that does not parse must not open its workload: it closes it (no
+            // caller allowed) until fixed, and says so. Without a service account it
+            // selects nothing.
             Err(e) => {
-                tracing::error!(policy = %format!("{namespace}/{name}"), error = %e, "AccessPolicy rejected")
+                tracing::error!(policy = %format!("{namespace}/{name}"), error = %e, "AccessPolicy rejected: its workload is closed until it is fixed");
+                if let Some(service_account) = service_account {
+                    set.policies.push(AccessPolicy {
+                        name,
+                        namespace,
+                        service_account,
+                        ports: vec![],
+                        allow: vec![],
+                    });
+                }
             }
         }
     }

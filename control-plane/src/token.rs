@@ -48,6 +48,8 @@ pub enum TokenError {
     Issuer,
     #[error("the token's claims are incomplete or inconsistent: {0}")]
     Claims(String),
+    #[error("the token could not be checked: {0}")]
+    Unavailable(String),
 }
 
 impl TokenError {
@@ -62,6 +64,7 @@ impl TokenError {
             Self::Audience => "token_audience",
             Self::Issuer => "token_issuer",
             Self::Claims(_) => "token_claims",
+            Self::Unavailable(_) => "cluster_unavailable",
         }
     }
 }

@@ -462,3 +462,27 @@ async fn metrics_pass_promtool() {
     }
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn the_control_planes_own_identity_is_never_issued() {
+    let cp = ControlPlane::start().await;
+    let err = cp
+        .certify_as("meshlet-system", "meshlet-control", None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("control plane's identity"),
+        "{}",
+        err.message()
+    );
+    let (_, m) = http_get(cp.running().admin_addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_csr_rejected_total{reason="reserved_identity"}"#
+        ),
+        1.0
+    );
+    cp.stop().await;
+}

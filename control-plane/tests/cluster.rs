@@ -271,7 +271,7 @@ async fn token_review_pod_ownership_and_bundle_configmaps() {
         );
     }
 
-    // The policy resources become the policy in force; a malformed one is skipped, not fatal.
+    // The policy resources become the policy in force; a malformed one closes its workload.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let policy = loop {
         let (_, body) = common::http_get(running.admin_addr, "/v1/policy").await;
@@ -286,7 +286,10 @@ async fn token_review_pod_ownership_and_bundle_configmaps() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(policy["namespaces"]["shop"], "strict");
-    assert_eq!(policy["policies"].as_array().unwrap().len(), 1, "{policy}");
+    // The malformed policy closes its workload (no rule) instead of being dropped.
+    assert_eq!(policy["policies"].as_array().unwrap().len(), 2, "{policy}");
+    assert_eq!(policy["policies"][1]["serviceAccount"], "x");
+    assert_eq!(policy["policies"][1]["allow"], serde_json::json!([]));
     assert_eq!(policy["policies"][0]["name"], "orders");
     assert_eq!(
         policy["policies"][0]["allow"][1]["http"]["pathPrefixes"][0],

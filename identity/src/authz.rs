@@ -307,9 +307,10 @@ impl HttpMatch {
 }
 
 /// Normalises a request path as servers do before routing: the query is dropped,
-/// percent-encoding decoded (once; an encoded `/`, `\`, NUL, or anything that is not valid
-/// UTF-8 makes the path unusable), `\` read as `/`, repeated slashes merged, `.` and `..`
-/// resolved (never above the root), and the result lower-cased. `None`: refuse.
+/// percent-encoding decoded (once; an encoded `/`, `\`, `%` or NUL, a `;` path parameter,
+/// or anything that is not valid UTF-8 makes the path unusable), `\` read as `/`, repeated
+/// slashes merged, `.` and `..` resolved (never above the root), and the result
+/// lower-cased. `None`: refuse.
 pub fn normalize_path(raw: &str) -> Option<String> {
     let raw = raw.split(['?', '#']).next().unwrap_or("");
     if !raw.starts_with('/') && !raw.starts_with('\\') {
@@ -322,7 +323,9 @@ pub fn normalize_path(raw: &str) -> Option<String> {
         if bytes[i] == b'%' {
             let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
             let b = u8::from_str_radix(hex, 16).ok()?;
-            if matches!(b, b'/' | b'\\' | 0) {
+            // Encoded separators, NUL, and `%` itself (double encoding: an app that decodes
+            // twice would see another path) are refused.
+            if matches!(b, b'/' | b'\\' | 0 | b'%') {
                 return None;
             }
             decoded.push(b);
@@ -333,7 +336,9 @@ pub fn normalize_path(raw: &str) -> Option<String> {
         }
     }
     let text = String::from_utf8(decoded).ok()?;
-    if text.contains('\0') {
+    // `;` starts path parameters that Java servers strip per segment (`/public/..;/admin`
+    // routes to `/admin` there): refused rather than guessed.
+    if text.contains('\0') || text.contains(';') {
         return None;
     }
     let mut segments: Vec<&str> = Vec::new();
@@ -375,6 +380,10 @@ mod tests {
             ("/%zz", None),
             ("/%e", None),
             ("/%ff", None),
+            ("/public/..;/admin", None),
+            ("/public;jsessionid=1", None),
+            ("/public/%3b/admin", None),
+            ("/%252e%252e/admin", None),
             ("admin", None),
             ("", None),
             ("/", Some("/")),

@@ -402,7 +402,9 @@ pub fn retire_root(dir: &Path, serial: &str) -> Result<(), CaError> {
 
 /// Replaces `path` whole: writes `path.new` (mode set at creation), then renames it over.
 fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("new");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
     let _ = fs::remove_file(&tmp);
     write_new(&tmp, contents, mode)?;
     fs::rename(&tmp, path).map_err(|source| CaError::Io {

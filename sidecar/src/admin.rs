@@ -22,7 +22,7 @@ pub struct AdminState {
     pub metrics: prometheus_client::registry::Registry,
     pub draining: Arc<AtomicBool>,
     /// The authorization policy being enforced.
-    pub policy: watch::Receiver<Arc<meshlet_identity::authz::PolicySet>>,
+    pub policy: crate::relay::PolicyRx,
 }
 
 /// Serves the admin API until `stop`.
@@ -47,17 +47,22 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
                 .borrow()
                 .as_ref()
                 .is_some_and(|c| c.valid_at(std::time::SystemTime::now()));
-            match (has_cert, state.draining.load(Ordering::Relaxed)) {
-                (_, true) => admin::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-                (true, false) => admin::text(StatusCode::OK, "ready\n"),
-                (false, false) => admin::text(
+            let has_policy = state.policy.borrow().is_some();
+            match (has_cert, has_policy, state.draining.load(Ordering::Relaxed)) {
+                (_, _, true) => admin::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+                (true, true, false) => admin::text(StatusCode::OK, "ready\n"),
+                (false, _, false) => admin::text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no valid certificate yet\n",
+                ),
+                (true, false, false) => admin::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no policy from the control plane yet\n",
                 ),
             }
         }
         "/certs" => admin::json(&**state.status.load()),
-        "/policy" => admin::json(&**state.policy.borrow()),
+        "/policy" => admin::json(&state.policy.borrow().as_deref()),
         "/metrics" => admin::metrics(&state.metrics),
         _ => admin::text(StatusCode::NOT_FOUND, "not found\n"),
     }

@@ -154,7 +154,7 @@ pub async fn watch_bundle(
     channel: Channel,
     token_file: PathBuf,
     tx: watch::Sender<Vec<CertificateDer<'static>>>,
-    policy: watch::Sender<Arc<PolicySet>>,
+    policy: watch::Sender<Option<Arc<PolicySet>>>,
     stop: CancellationToken,
 ) {
     follow(
@@ -168,8 +168,8 @@ pub async fn watch_bundle(
             match serde_json::from_str::<PolicySet>(&msg.policy) {
                 Ok(p) => {
                     policy.send_if_modified(|current| {
-                        let changed = **current != p;
-                        *current = Arc::new(p);
+                        let changed = current.as_deref() != Some(&p);
+                        *current = Some(Arc::new(p));
                         changed
                     });
                 }

@@ -144,6 +144,18 @@ async fn forward(
         .as_ref()
         .map(|t| trace::start_request(t, ctx.direction, &mut req, peer));
     if let Some(authz) = &ctx.authz {
+        // An upgrade to h2c would turn the connection into a tunnel of requests nobody
+        // checks: the request goes on without it (WebSocket and others stay allowed).
+        let h2c = req
+            .headers()
+            .get(http::header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("h2c"));
+        if h2c {
+            req.headers_mut().remove(http::header::UPGRADE);
+            req.headers_mut().remove("http2-settings");
+            req.headers_mut().remove(http::header::CONNECTION);
+        }
         let decision = authz.request(req.method().as_str(), req.uri().path());
         ctx.metrics.authz(ctx.direction, decision.allowed);
         if !decision.allowed {

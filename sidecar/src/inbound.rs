@@ -20,9 +20,9 @@ use crate::detect::{self, Hello};
 use crate::identity::Creds;
 use crate::io::{Prefixed, sniff};
 use crate::metrics::{ConnEvent, Direction, HandshakeError, Metrics, Refusal, TlsInfo};
-use crate::relay::{InboundAuthz, Limits, RelayCtx, connect, relay};
+use crate::relay::{InboundAuthz, Limits, PolicyRx, RelayCtx, connect, no_policy_yet, relay};
 use meshlet_identity::SpiffeId;
-use meshlet_identity::authz::{ConnectionVerdict, MtlsMode, PolicySet, Target};
+use meshlet_identity::authz::{ConnectionVerdict, MtlsMode, Target};
 
 /// What inbound accepts besides mutual TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -108,7 +108,10 @@ pub struct Inbound {
     pub drain: CancellationToken,
     pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
     /// The authorization policy this workload enforces (from the control plane).
-    pub policy: watch::Receiver<Arc<PolicySet>>,
+    pub policy: PolicyRx,
+    /// This workload's namespace and service account, from its token: known even before
+    /// (or after) it holds a valid certificate.
+    pub workload: Option<(String, String)>,
 }
 
 impl Inbound {
@@ -135,11 +138,9 @@ impl Inbound {
             .clone()
             .filter(|c| c.valid_at(SystemTime::now()));
         // The namespace's mTLS mode in the policy, if it sets one, overrides --inbound-mode.
-        let mode = creds
-            .as_ref()
-            .and_then(|c| {
-                Target::of(&c.id, app.port()).and_then(|t| self.policy.borrow().mode(t.namespace))
-            })
+        let namespace = self.workload.as_ref().map(|(ns, _)| ns.as_str());
+        let mode = namespace
+            .and_then(|ns| self.policy.borrow().as_deref().and_then(|p| p.mode(ns)))
             .map_or(self.mode, |m| match m {
                 MtlsMode::Strict => InboundMode::Strict,
                 MtlsMode::Permissive => InboundMode::Permissive,
@@ -149,8 +150,8 @@ impl Inbound {
         let conn = Prefixed::new(first, conn);
         match (plan, creds) {
             (Plan::Refuse(reason), _) => self.metrics.refuse(Direction::inbound, reason),
-            (Plan::Passthrough(app), creds) => {
-                let Ok(authz) = self.authorize(creds.as_deref(), app.port(), None) else {
+            (Plan::Passthrough(app), _) => {
+                let Ok(authz) = self.authorize(app.port(), None) else {
                     return;
                 };
                 match connect(app, self.connect_timeout).await {
@@ -184,7 +185,7 @@ impl Inbound {
         let Some(peer) = peer else {
             return self.handshake_failed(HandshakeError::no_peer_certificate, "no client SVID");
         };
-        let Ok(authz) = self.authorize(Some(creds), app.port(), Some(peer.clone())) else {
+        let Ok(authz) = self.authorize(app.port(), Some(peer.clone())) else {
             return;
         };
         let Ok(upstream) = connect(app, self.connect_timeout).await else {
@@ -212,15 +213,32 @@ impl Inbound {
     /// `Ok(Some)`: the policy to check each HTTP request against.
     fn authorize(
         &self,
-        creds: Option<&Creds>,
         port: u16,
         peer: Option<SpiffeId>,
     ) -> Result<Option<Arc<InboundAuthz>>, ()> {
-        // Without our own identity no policy can select us: the mode alone decided.
-        let Some(target) = creds.and_then(|c| Target::of(&c.id, port)) else {
-            return Ok(None);
+        let target = self
+            .workload
+            .as_ref()
+            .map(|(namespace, service_account)| Target {
+                namespace,
+                service_account,
+                port,
+            });
+        // Not knowing who we are, or having no policy yet: refuse (never fail open).
+        let verdict = match (target.as_ref(), self.policy.borrow().as_deref()) {
+            (Some(target), Some(policy)) => policy.connection(target, peer.as_ref()),
+            (None, _) => ConnectionVerdict::Deny(meshlet_identity::authz::Decision {
+                allowed: false,
+                rule: "this workload's identity is unknown (no readable token)".into(),
+            }),
+            (_, None) => ConnectionVerdict::Deny(no_policy_yet()),
         };
-        let verdict = self.policy.borrow().connection(&target, peer.as_ref());
+        let Some(target) = target else {
+            self.metrics.authz(Direction::inbound, false);
+            self.metrics
+                .refuse(Direction::inbound, Refusal::authz_denied);
+            return Err(());
+        };
         let http_only = match verdict {
             ConnectionVerdict::Allow(_) => {
                 self.metrics.authz(Direction::inbound, true);

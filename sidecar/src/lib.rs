@@ -101,14 +101,17 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     events: tokio::sync::broadcast::Sender<metrics::ConnEvent>,
     creds: watch::Receiver<Option<Arc<Creds>>>,
+    policy: relay::PolicyRx,
     stopped: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
-    /// Waits for the first certificate (what `/ready` reports).
+    /// Waits for the first certificate and the first policy (what `/ready` reports).
     pub async fn ready(&self) {
         let mut creds = self.creds.clone();
         let _ = creds.wait_for(Option::is_some).await;
+        let mut policy = self.policy.clone();
+        let _ = policy.wait_for(Option::is_some).await;
     }
 
     /// Every connection that ends from now on, with what was verified on its TLS hop.
@@ -213,8 +216,7 @@ pub async fn run(
         control_roots,
     };
     tokio::spawn(identity::maintain(identity, bundle_rx, background.clone()));
-    let (policy_tx, policy) =
-        watch::channel(Arc::new(meshlet_identity::authz::PolicySet::default()));
+    let (policy_tx, policy) = watch::channel(None);
     tokio::spawn(discovery::watch_bundle(
         channel.clone(),
         config.token_file.clone(),
@@ -254,6 +256,7 @@ pub async fn run(
         drain: draining.clone(),
         tracer,
         policy: policy.clone(),
+        workload: token_workload(&config.token_file),
     });
     let tracker = TaskTracker::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
@@ -319,6 +322,7 @@ pub async fn run(
         ));
     }
     let is_draining = Arc::new(AtomicBool::new(false));
+    let running_policy = policy.clone();
     let admin_state = Arc::new(admin::AdminState {
         policy,
         creds: creds.clone(),
@@ -361,6 +365,7 @@ pub async fn run(
         metrics,
         events,
         creds,
+        policy: running_policy,
         stopped,
     })
 }
@@ -414,24 +419,41 @@ where
     }
 }
 
+/// The `kubernetes.io` claim of the workload's own token (read, not verified: it only
+/// names this workload to itself).
+fn token_claims(token_file: &std::path::Path) -> Option<serde_json::Value> {
+    use base64::Engine;
+    let token = std::fs::read_to_string(token_file).ok()?;
+    let payload = token
+        .trim()
+        .split('.')
+        .nth(1)?
+        .trim_end_matches('=')
+        .to_owned();
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    Some(claims["kubernetes.io"].clone())
+}
+
+/// This workload's namespace and service account, from its token.
+fn token_workload(token_file: &std::path::Path) -> Option<(String, String)> {
+    let k8s = token_claims(token_file)?;
+    Some((
+        k8s["namespace"].as_str()?.to_owned(),
+        k8s["serviceaccount"]["name"].as_str()?.to_owned(),
+    ))
+}
+
 /// Resource attributes that name the workload, from its token's `kubernetes.io` claim:
 /// `service.name` = `<service-account>.<namespace>` (unless `OTEL_SERVICE_NAME` says
 /// otherwise), `k8s.namespace.name`, `k8s.pod.name`.
 fn resource_defaults(token_file: &std::path::Path) -> Vec<opentelemetry::KeyValue> {
-    use base64::Engine;
     use opentelemetry::KeyValue;
-    let claims = std::fs::read_to_string(token_file)
-        .ok()
-        .and_then(|t| t.trim().split('.').nth(1).map(str::to_owned))
-        .and_then(|p| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(p.trim_end_matches('='))
-                .ok()
-        })
-        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok());
-    let k8s = claims.as_ref().map(|c| &c["kubernetes.io"]);
+    let claims = token_claims(token_file);
     let field = |path: &[&str]| {
-        let mut v = k8s?;
+        let mut v = claims.as_ref()?;
         for p in path {
             v = &v[*p];
         }

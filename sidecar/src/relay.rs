@@ -51,10 +51,22 @@ pub struct Limits {
     pub http2_max_streams: u32,
 }
 
+/// The policy a sidecar enforces: None until the control plane has sent one (everything
+/// inbound is refused until then).
+pub type PolicyRx = tokio::sync::watch::Receiver<Option<Arc<meshlet_identity::authz::PolicySet>>>;
+
+/// The decision while no policy has arrived.
+pub fn no_policy_yet() -> meshlet_identity::authz::Decision {
+    meshlet_identity::authz::Decision {
+        allowed: false,
+        rule: "no policy received from the control plane yet".into(),
+    }
+}
+
 /// What an inbound connection's requests are checked against.
 #[derive(Debug)]
 pub struct InboundAuthz {
-    pub policy: tokio::sync::watch::Receiver<Arc<meshlet_identity::authz::PolicySet>>,
+    pub policy: PolicyRx,
     pub namespace: String,
     pub service_account: String,
     pub port: u16,
@@ -72,9 +84,10 @@ impl InboundAuthz {
             port: self.port,
         };
         let req = meshlet_identity::authz::Request { method, path };
-        self.policy
-            .borrow()
-            .request(&target, self.peer.as_ref(), req)
+        match self.policy.borrow().as_deref() {
+            Some(policy) => policy.request(&target, self.peer.as_ref(), req),
+            None => no_policy_yet(),
+        }
     }
 }
 

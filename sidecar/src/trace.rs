@@ -136,9 +136,7 @@ pub fn start_request(
         KeyValue::new("url.path", req.uri().path().to_owned()),
         KeyValue::new("network.protocol.version", version(req.version())),
     ];
-    if let Some(q) = req.uri().query() {
-        attributes.push(KeyValue::new("url.query", q.to_owned()));
-    }
+    // url.query is left out: query strings carry secrets often enough.
     let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
         req.headers()
             .get(http::header::HOST)

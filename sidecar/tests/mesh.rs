@@ -267,6 +267,8 @@ async fn without_a_certificate_nothing_is_meshed() {
         b.r().inbound_addr,
         Some("spiffe://cluster.local/ns/demo/sa/server"),
     )];
+    // Permissive, in front of an app: without an identity it must not pass plaintext unchecked.
+    a.app_addr = Some(app);
     let mut a = Sidecar::start(a).await;
 
     let (status, body) = http_get(a.r().admin_addr, "/ready").await;
@@ -281,6 +283,20 @@ async fn without_a_certificate_nothing_is_meshed() {
         metric(
             &m,
             r#"meshlet_connections_refused_total{direction="outbound",reason="no_certificate"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    let inbound = echo_round_trip(a.r().inbound_addr, b"plaintext").await;
+    assert!(
+        inbound.map(|b| b.is_empty()).unwrap_or(true),
+        "plaintext passed a sidecar that knows no identity"
+    );
+    let m = a.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_connections_refused_total{direction="inbound",reason="authz_denied"}"#
         ),
         1.0,
         "{m}"
