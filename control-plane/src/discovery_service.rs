@@ -26,6 +26,7 @@ pub type Bundle = Arc<Vec<Vec<u8>>>;
 /// The Discovery service and what it needs.
 #[derive(Debug)]
 pub struct DiscoveryService {
+    pub trust_domain: meshlet_identity::TrustDomain,
     pub auth: Arc<Authenticator>,
     /// With `--token-review`, tokens are checked by the cluster, as for Certify.
     pub cluster: Option<crate::cluster::Cluster>,
@@ -51,6 +52,39 @@ impl Discovery for DiscoveryService {
         };
         let workload = authenticated.map_err(|e| Status::unauthenticated(e.to_string()))?;
         let address = parse_address(&request.address)?;
+        let mut announced = None;
+        if address.is_none()
+            && let Some(own) = parse_address(&request.announce)?
+        {
+            let id = meshlet_identity::SpiffeId::for_service_account(
+                &self.trust_domain,
+                &workload.namespace,
+                &workload.service_account,
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if let Some(cluster) = &self.cluster {
+                let ip = own
+                    .parse::<std::net::IpAddr>()
+                    .or_else(|_| own.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+                    .map_err(|_| Status::invalid_argument("announce is not an address"))?;
+                let pod = workload
+                    .pod
+                    .as_deref()
+                    .ok_or_else(|| Status::permission_denied("the token names no pod"))?;
+                match cluster.pod_owns(&workload.namespace, pod, ip).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(Status::permission_denied(format!(
+                            "pod {}/{pod} does not have IP {ip}",
+                            workload.namespace
+                        )));
+                    }
+                    Err(e) => return Err(Status::unavailable(e.to_string())),
+                }
+            }
+            self.registry.announce(&own, id.clone());
+            announced = Some((own, id));
+        }
         let exact = address.as_deref().map(|a| self.registry.watch_address(a));
         let by_ip = address
             .as_deref()
@@ -59,15 +93,16 @@ impl Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel(4);
         // The bundle-only watch also carries the caller's authorization policy.
         let policy = address.is_none().then(|| (self.policy.clone(), workload));
-        tokio::spawn(stream(
-            address,
-            exact,
-            by_ip,
-            self.bundle.clone(),
-            policy,
-            tx,
-            self.stop.clone(),
-        ));
+        let registry = self.registry.clone();
+        let stop = self.stop.clone();
+        let bundle = self.bundle.clone();
+        tokio::spawn(async move {
+            stream(address, exact, by_ip, bundle, policy, tx, stop).await;
+            // The sidecar is gone (or reconnecting, and will announce again).
+            if let Some((own, id)) = announced {
+                registry.withdraw(&own, &id);
+            }
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

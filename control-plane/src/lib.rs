@@ -227,6 +227,7 @@ pub async fn run(
         }
     }
     let discovery = DiscoveryService {
+        trust_domain: config.trust_domain.clone(),
         cluster: config.cluster.clone(),
         token_review: config.token_review,
         auth: auth.clone(),

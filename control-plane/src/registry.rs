@@ -129,6 +129,17 @@ impl Registry {
             .retain(|_, tx| tx.receiver_count() > 0 || tx.borrow().is_some());
     }
 
+    /// A sidecar says it serves `address` as `id` (over its open bundle watch): rebuilds
+    /// what a restarted or other replica never saw issued.
+    pub fn announce(&self, address: &str, id: SpiffeId) {
+        self.set_address(address, Some(id));
+    }
+
+    /// The sidecar that announced `address` as `id` has gone.
+    pub fn withdraw(&self, address: &str, id: &SpiffeId) {
+        self.unset_address_if(address, id);
+    }
+
     /// Subscribes to the SPIFFE ID served at `address` (None: not meshed).
     pub fn watch_address(&self, address: &str) -> watch::Receiver<Option<SpiffeId>> {
         self.addresses

@@ -35,6 +35,7 @@ async fn watch_reports_meshed_addresses_and_changes() {
     let watch = |address: &str| WatchRequest {
         token: token.clone(),
         address: address.into(),
+        announce: String::new(),
     };
 
     let mut pod = discovery
@@ -111,6 +112,7 @@ async fn watch_needs_a_valid_token_and_address() {
         .watch(WatchRequest {
             token: "junk".into(),
             address: "1.2.3.4".into(),
+            announce: String::new(),
         })
         .await
         .unwrap_err();
@@ -123,9 +125,52 @@ async fn watch_needs_a_valid_token_and_address() {
         .watch(WatchRequest {
             token,
             address: "not an address".into(),
+            announce: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn a_sidecar_announces_its_address_while_its_watch_is_open() {
+    let cp = ControlPlane::start().await;
+    let token = cp
+        .signer()
+        .mint("shop", "cart", Some("cart-1"), Duration::from_secs(600))
+        .unwrap();
+    let mut discovery = DiscoveryClient::new(cp.channel_expecting(
+        meshlet_identity::Expected::Exact(cp.running().identity.clone()),
+    ));
+    let mut observer = discovery
+        .watch(WatchRequest {
+            token: token.clone(),
+            address: "10.5.5.5:8080".into(),
+            announce: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!next(&mut observer).await.endpoint.unwrap().meshed);
+
+    // The bundle watch announces 10.5.5.5 (no Certify in this process ever saw it).
+    let mut announcer = discovery
+        .watch(WatchRequest {
+            token,
+            address: String::new(),
+            announce: "10.5.5.5".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let _ = next(&mut announcer).await;
+    let seen = next(&mut observer).await.endpoint.unwrap();
+    assert!(seen.meshed);
+    assert_eq!(seen.identity, "spiffe://cluster.local/ns/shop/sa/cart");
+
+    // The announcer goes away: the address is withdrawn.
+    drop(announcer);
+    assert!(!next(&mut observer).await.endpoint.unwrap().meshed);
     cp.stop().await;
 }

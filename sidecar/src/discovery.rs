@@ -43,6 +43,46 @@ pub enum Resolution {
 struct Entry {
     rx: watch::Receiver<Resolution>,
     last_used: AtomicU64,
+    /// When a meshed destination was first reported not meshed (ms since the resolver's
+    /// epoch; 0: not leaving). Until [`LEAVE_GRACE`] has passed it resolves as unknown.
+    left_at: Arc<AtomicU64>,
+}
+
+/// How long a destination that was meshed must be reported not meshed before traffic to
+/// it is passed through in plaintext. Covers a control plane restart, whose registry fills
+/// again as sidecars reconnect and announce themselves.
+pub const LEAVE_GRACE: Duration = Duration::from_secs(60);
+
+/// Never downgrade from meshed to plaintext at once: a "not meshed" answer for a
+/// destination that was meshed is held as `Unknown` (refused) until it has stood for
+/// [`LEAVE_GRACE`]. `now` and `left` are times since the resolver's epoch.
+fn downgrade_guard(
+    current: &Resolution,
+    answer: Resolution,
+    left: &AtomicU64,
+    now: Duration,
+) -> Resolution {
+    let now_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX).max(1);
+    match (current, answer) {
+        (_, Resolution::Meshed(id)) => {
+            left.store(0, Ordering::Relaxed);
+            Resolution::Meshed(id)
+        }
+        (Resolution::Meshed(_), Resolution::NotMeshed) => {
+            left.store(now_ms, Ordering::Relaxed);
+            Resolution::Unknown
+        }
+        (_, Resolution::NotMeshed) => {
+            let since = left.load(Ordering::Relaxed);
+            if since == 0 || now_ms.saturating_sub(since) >= LEAVE_GRACE.as_millis() as u64 {
+                left.store(0, Ordering::Relaxed);
+                Resolution::NotMeshed
+            } else {
+                Resolution::Unknown
+            }
+        }
+        (_, other) => other,
+    }
 }
 
 /// The cache of destination watches.
@@ -105,9 +145,11 @@ impl Resolver {
         let entry = Arc::new(Entry {
             rx,
             last_used: AtomicU64::new(self.epoch.elapsed().as_secs()),
+            left_at: Arc::new(AtomicU64::new(0)),
         });
         let me = self.clone();
         let watched = entry.clone();
+        let left = entry.left_at.clone();
         tokio::spawn(async move {
             let idle = {
                 let me = me.clone();
@@ -119,14 +161,16 @@ impl Resolver {
                         > IDLE.as_secs()
                 }
             };
+            let epoch = me.epoch;
             follow(
                 me.client.clone(),
                 &me.token_file,
                 dst.to_string(),
+                String::new(),
                 &me.stop,
                 idle,
                 |msg| {
-                    let resolution = match msg.endpoint {
+                    let answer = match msg.endpoint {
                         Some(e) if e.meshed => match SpiffeId::parse(&e.identity) {
                             Ok(id) => Resolution::Meshed(id),
                             Err(_) => Resolution::Unknown,
@@ -134,9 +178,10 @@ impl Resolver {
                         Some(_) => Resolution::NotMeshed,
                         None => Resolution::Unknown,
                     };
-                    tx.send_if_modified(|r| {
-                        let changed = *r != resolution;
-                        *r = resolution;
+                    tx.send_if_modified(|current| {
+                        let next = downgrade_guard(current, answer, &left, epoch.elapsed());
+                        let changed = *current != next;
+                        *current = next;
                         changed
                     });
                 },
@@ -153,6 +198,7 @@ impl Resolver {
 pub async fn watch_bundle(
     channel: Channel,
     token_file: PathBuf,
+    announce: Option<String>,
     tx: watch::Sender<Vec<CertificateDer<'static>>>,
     policy: watch::Sender<Option<Arc<PolicySet>>>,
     stop: CancellationToken,
@@ -161,6 +207,7 @@ pub async fn watch_bundle(
         DiscoveryClient::new(channel),
         &token_file,
         String::new(),
+        announce.unwrap_or_default(),
         &stop,
         || false,
         |msg| {
@@ -199,6 +246,7 @@ async fn follow(
     mut client: DiscoveryClient<Channel>,
     token_file: &std::path::Path,
     address: String,
+    announce: String,
     stop: &CancellationToken,
     idle: impl Fn() -> bool,
     mut on_message: impl FnMut(WatchResponse),
@@ -213,6 +261,7 @@ async fn follow(
             let request = WatchRequest {
                 token: token.trim().to_owned(),
                 address: address.clone(),
+                announce: announce.clone(),
             };
             client
                 .watch(request)
@@ -251,5 +300,49 @@ async fn follow(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meshed_destinations_are_not_downgraded_at_once() {
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").expect("valid");
+        let left = AtomicU64::new(0);
+        let s = Duration::from_secs;
+        let meshed = Resolution::Meshed(id.clone());
+        // Meshed, then "not meshed" (a restarted control plane): unknown, i.e. refused.
+        assert_eq!(
+            downgrade_guard(&meshed, Resolution::NotMeshed, &left, s(100)),
+            Resolution::Unknown
+        );
+        // Still "not meshed" within the grace: unknown.
+        assert_eq!(
+            downgrade_guard(&Resolution::Unknown, Resolution::NotMeshed, &left, s(130)),
+            Resolution::Unknown
+        );
+        // Meshed again (the sidecar re-announced): meshed, grace cleared.
+        assert_eq!(
+            downgrade_guard(&Resolution::Unknown, meshed.clone(), &left, s(131)),
+            meshed
+        );
+        assert_eq!(left.load(Ordering::Relaxed), 0);
+        // Left for good: plaintext only after the grace.
+        assert_eq!(
+            downgrade_guard(&meshed, Resolution::NotMeshed, &left, s(200)),
+            Resolution::Unknown
+        );
+        assert_eq!(
+            downgrade_guard(&Resolution::Unknown, Resolution::NotMeshed, &left, s(261)),
+            Resolution::NotMeshed
+        );
+        // A destination never meshed passes through at once.
+        let fresh = AtomicU64::new(0);
+        assert_eq!(
+            downgrade_guard(&Resolution::Unknown, Resolution::NotMeshed, &fresh, s(5)),
+            Resolution::NotMeshed
+        );
     }
 }

@@ -206,6 +206,7 @@ pub async fn run(
     let (creds_tx, creds) = watch::channel(None);
     let status = Arc::new(ArcSwap::from_pointee(CertStatus::default()));
     let (bundle_tx, bundle_rx) = watch::channel(bundle);
+    let registration = address.clone();
     let identity = IdentityTask {
         client: IdentityClient::new(channel.clone()),
         token_file: config.token_file.clone(),
@@ -220,6 +221,7 @@ pub async fn run(
     tokio::spawn(discovery::watch_bundle(
         channel.clone(),
         config.token_file.clone(),
+        registration,
         bundle_tx,
         policy_tx,
         background.clone(),

@@ -185,3 +185,60 @@ async fn a_sidecar_started_before_the_control_plane_is_ready_soon_after_it() {
     second.wait().await.unwrap();
     drop(first);
 }
+
+#[tokio::test]
+async fn a_restarted_control_plane_never_turns_mesh_traffic_into_plaintext() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let app = echo_app().await;
+    let mut b = sidecar_config(&cp, cp.token_file("demo", "server"));
+    b.app_addr = Some(app);
+    b.inbound_mode = InboundMode::Strict;
+    let mut b = Sidecar::start_ready(b).await;
+    let mut a = sidecar_config(&cp, cp.token_file("demo", "client"));
+    a.routes = vec![route(b.r().inbound_addr, None)];
+    let mut a = Sidecar::start_ready(a).await;
+    assert_eq!(
+        echo_round_trip(a.route(0), b"before").await.unwrap(),
+        b"before"
+    );
+
+    // The new process has never seen B certify: B's re-announcement must tell it.
+    cp.restart().await;
+    // Let every watch reconnect to the new process (backoff starts at 0.5 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A client that starts now learns about B only from the new process: B is strict, so
+    // only a "meshed" answer (mutual TLS) gets its bytes echoed.
+    let mut c = sidecar_config(&cp, cp.token_file("demo", "late-client"));
+    c.routes = vec![route(b.r().inbound_addr, None)];
+    let mut c = Sidecar::start_ready(c).await;
+    for client in [&a, &c] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if echo_round_trip(client.route(0), b"after")
+                .await
+                .map(|v| v == b"after")
+                .unwrap_or(false)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "traffic did not resume after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let m = client.metrics().await;
+        assert_eq!(
+            metric(
+                &m,
+                r#"meshlet_tcp_connections_total{direction="outbound",tls="false"}"#
+            ),
+            0.0,
+            "plaintext after the restart:\n{m}"
+        );
+    }
+    c.stop().await;
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+}

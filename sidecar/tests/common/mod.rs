@@ -80,6 +80,33 @@ impl ControlPlane {
             self.running.take().unwrap().wait().await.unwrap();
         }
     }
+
+    /// Stops and starts again on the same gRPC address with the same CA: a fresh process,
+    /// whose registry of issued certificates is empty.
+    pub async fn restart(&mut self) {
+        let grpc = self.addr();
+        self.stop().await;
+        let td = TrustDomain::parse("cluster.local").unwrap();
+        let config = meshlet_control::Config::local(
+            self.dir.path().to_owned(),
+            td,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let listeners = meshlet_control::Listeners {
+            grpc: TcpListener::bind(grpc).await.unwrap(),
+            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            webhook: None,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = meshlet_control::run(config, listeners, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+        self.running = Some(running);
+        self.stop = Some(stop);
+    }
 }
 
 /// A sidecar configuration for explicit mode on loopback.
