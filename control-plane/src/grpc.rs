@@ -28,6 +28,9 @@ pub async fn serve(
     let (tx, rx) = mpsc::channel::<Result<TlsStream<TcpStream>, io::Error>>(64);
     tokio::spawn(accept_loop(listener, tls, tx, shutdown.clone()));
     tonic::transport::Server::builder()
+        // Pings find sidecars that vanished, so their stream tasks end.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_routes(routes)
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled_owned())
         .await

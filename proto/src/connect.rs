@@ -21,7 +21,11 @@ pub fn tls_channel(
     let connector = TlsConnector::from(tls);
     let endpoint = Endpoint::from_shared(format!("http://{target}"))?
         .connect_timeout(std::time::Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Watch streams are mostly idle: pings find a control plane that vanished.
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     let target = target.to_owned();
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {

@@ -135,11 +135,6 @@ impl Resolver {
         }
     }
 
-    /// How many destinations are watched now.
-    pub fn watched(&self) -> usize {
-        self.cache.len()
-    }
-
     fn start(self: &Arc<Self>, dst: SocketAddr) -> Arc<Entry> {
         let (tx, rx) = watch::channel(Resolution::Unknown);
         let entry = Arc::new(Entry {

@@ -23,11 +23,6 @@ impl<S> Prefixed<S> {
         Self { prefix, inner }
     }
 
-    /// The bytes still to be replayed.
-    pub fn prefix(&self) -> &[u8] {
-        &self.prefix
-    }
-
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
