@@ -24,7 +24,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    init_logging();
+    meshlet_telemetry::process::init_logging();
     let Command::Serve(args) = Cli::parse().command;
     let kubernetes = args.kubernetes;
     let mut config = Config::try_from(args)?;
@@ -46,38 +46,12 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", config.webhook_addr))?,
         );
     }
-    let running = meshlet_control::run(config, listeners, shutdown_signal()).await?;
+    let running = meshlet_control::run(
+        config,
+        listeners,
+        meshlet_telemetry::process::shutdown_signal(),
+    )
+    .await?;
     running.wait().await?;
     Ok(())
-}
-
-fn init_logging() {
-    use tracing_subscriber::prelude::*;
-    let filter: tracing_subscriber::filter::Targets = std::env::var("MESHLET_LOG")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
-        });
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer())
-        .with(filter)
-        .init();
-}
-
-/// Completes on SIGTERM (Kubernetes) or Ctrl-C.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = term => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
-    tracing::info!("shutting down");
 }

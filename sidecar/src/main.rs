@@ -32,7 +32,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    init_logging();
+    meshlet_telemetry::process::init_logging();
     match Cli::parse().command {
         Command::Init(args) => Ok(meshlet_proxy::init::apply(&args)?),
         Command::WaitReady {
@@ -46,42 +46,16 @@ async fn main() -> anyhow::Result<()> {
             let listeners = Listeners::bind(&config)
                 .await
                 .context("binding listeners")?;
-            let running = meshlet_proxy::run(*config, listeners, shutdown_signal()).await?;
+            let running = meshlet_proxy::run(
+                *config,
+                listeners,
+                meshlet_telemetry::process::shutdown_signal(),
+            )
+            .await?;
             running.wait().await;
             Ok(())
         }
     }
-}
-
-fn init_logging() {
-    use tracing_subscriber::prelude::*;
-    let filter: tracing_subscriber::filter::Targets = std::env::var("MESHLET_LOG")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
-        });
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(filter)
-        .init();
-}
-
-/// Completes on SIGTERM (Kubernetes) or Ctrl-C.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = term => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
-    tracing::info!("shutting down");
 }
 
 /// Polls `GET /ready` on the admin port until it answers 200, or fails after `timeout`.

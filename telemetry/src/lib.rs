@@ -4,11 +4,13 @@
 //! - [`prometheus_text`]: a prometheus-client registry in the Prometheus text format
 //!   (`text/plain; version=0.0.4`), the format `promtool check metrics` reads.
 //! - [`admin`]: the small HTTP/1.1 server behind both admin APIs, and response helpers.
+//! - [`process`]: logging setup and the shutdown signal of both binaries.
 //! - [`promtool`]: `promtool check metrics`, as the tests run it.
 //! - [`traces`]: OpenTelemetry traces over OTLP (gRPC or HTTP/protobuf) from `OTEL_*`
 //!   variables, exported off the data path.
 
 pub mod admin;
+pub mod process;
 pub mod promtool;
 pub mod traces;
 
