@@ -97,9 +97,13 @@ impl Discovery for DiscoveryService {
         let stop = self.stop.clone();
         let bundle = self.bundle.clone();
         tokio::spawn(async move {
-            stream(address, exact, by_ip, bundle, policy, tx, stop).await;
-            // The sidecar is gone (or reconnecting, and will announce again).
-            if let Some((own, id)) = announced {
+            stream(address, exact, by_ip, bundle, policy, tx, stop.clone()).await;
+            // The sidecar is gone (or reconnecting, and will announce again). A control
+            // plane that is shutting down withdraws nothing: in its last moments its other
+            // watchers would hear "unknown" and refuse traffic to peers that are still there.
+            if let Some((own, id)) = announced
+                && !stop.is_cancelled()
+            {
                 registry.withdraw(&own, &id);
             }
         });
