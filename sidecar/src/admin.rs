@@ -61,7 +61,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
                 ),
             }
         }
-        "/certs" => admin::json(&**state.status.load()),
+        "/certs" => admin::json(&state.status.load().view(time::OffsetDateTime::now_utc())),
         "/policy" => admin::json(&state.policy.borrow().as_deref()),
         "/metrics" => admin::metrics(&state.metrics),
         _ => admin::text(StatusCode::NOT_FOUND, "not found\n"),

@@ -72,6 +72,32 @@ pub struct CertStatus {
     pub trust_bundle: Vec<RootStatus>,
 }
 
+/// Under this share of its lifetime left, a certificate shows as `expiring` on `/certs`
+/// (the control plane's `--expiring-share` default).
+pub const EXPIRING_SHARE: f64 = 0.25;
+
+/// `/certs` as served: the status and the certificate's state at the time of asking.
+#[derive(Debug, Serialize)]
+pub struct CertView<'a> {
+    #[serde(flatten)]
+    pub status: &'a CertStatus,
+    /// `null` before the first certificate, else `valid|overdue|expiring|expired`.
+    pub state: Option<meshlet_identity::cert::CertState>,
+}
+
+impl CertStatus {
+    pub fn view(&self, now: OffsetDateTime) -> CertView<'_> {
+        let state = self
+            .not_before
+            .zip(self.not_after)
+            .map(|(nb, na)| meshlet_identity::cert::state(nb, na, now, EXPIRING_SHARE, true));
+        CertView {
+            status: self,
+            state,
+        }
+    }
+}
+
 /// One root of the trust bundle on `/certs`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RootStatus {
@@ -87,7 +113,7 @@ pub enum CertifyError {
     TokenFile(PathBuf, std::io::Error),
     #[error("making a key or CSR: {0}")]
     Key(#[from] rcgen::Error),
-    #[error("the control plane refused: {0}")]
+    #[error("calling the control plane: {0}")]
     Refused(tonic::Status),
     #[error("the control plane did not answer within {0:?}")]
     Timeout(Duration),

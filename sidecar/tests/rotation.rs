@@ -1,5 +1,6 @@
 //! Certificates rotate under continuous traffic without losing a request, `/certs` shows
-//! it, and traffic goes on with the current certificates when the control plane stops.
+//! it, traffic goes on with the current certificates when the control plane stops, and
+//! stops (fail closed) when they expire before it returns.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
@@ -127,6 +128,75 @@ async fn traffic_goes_on_when_the_control_plane_stops() {
     );
     a.stop().await;
     b.stop().await;
+}
+
+/// The control plane stays away past the certificates' expiry: the sidecars fail closed
+/// (no plaintext fallback into a permissive peer, not ready), count why, and recover on
+/// their own once it returns.
+#[tokio::test]
+async fn expired_certificates_fail_closed_until_the_control_plane_returns() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3)).await;
+    let mut b = sidecar_config(&cp, cp.token_file("demo", "server"));
+    b.app_addr = Some(echo_app().await);
+    // Permissive: a client falling back to plaintext would get through, so it must not.
+    b.inbound_mode = InboundMode::Permissive;
+    let mut b = Sidecar::start_ready(b).await;
+    let mut a = sidecar_config(&cp, cp.token_file("demo", "client"));
+    a.routes = vec![route(b.r().inbound_addr, None)];
+    let mut a = Sidecar::start_ready(a).await;
+    assert_eq!(
+        echo_round_trip(a.route(0), b"fresh").await.unwrap(),
+        b"fresh"
+    );
+
+    cp.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(a.r().admin_addr, "/ready").await.0 == 200 {
+        assert!(
+            Instant::now() < deadline,
+            "still ready 10 s after a 3 s certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..5 {
+        let sent = format!("expired {i}");
+        let got = echo_round_trip(a.route(0), sent.as_bytes()).await;
+        assert!(
+            got.map(|b| b.is_empty()).unwrap_or(true),
+            "mesh traffic flowed without a valid certificate"
+        );
+    }
+    let m = a.metrics().await;
+    assert!(
+        metric(
+            &m,
+            r#"meshlet_connections_refused_total{direction="outbound",reason="no_certificate"}"#
+        ) >= 5.0,
+        "{m}"
+    );
+    let (_, certs) = http_get(a.r().admin_addr, "/certs").await;
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert_eq!(certs["state"], "expired", "/certs says so: {certs}");
+
+    cp.restart().await;
+    let back = Instant::now();
+    loop {
+        if echo_round_trip(a.route(0), b"back")
+            .await
+            .is_ok_and(|v| v == b"back")
+        {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "no recovery 5 s after the control plane returned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http_get(a.r().admin_addr, "/ready").await.0, 200);
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
 }
 
 #[tokio::test]

@@ -22,6 +22,8 @@ pub struct ControlPlane {
     stop: Option<oneshot::Sender<()>>,
     pub dir: tempfile::TempDir,
     pub bundle_file: PathBuf,
+    /// The gRPC address, kept across stop and restart.
+    grpc: SocketAddr,
 }
 
 impl ControlPlane {
@@ -52,6 +54,7 @@ impl ControlPlane {
         let bundle_file = dir.path().join("bundle.pem");
         std::fs::write(&bundle_file, &running.trust_bundle_pem).unwrap();
         Self {
+            grpc: running.grpc_addr,
             running: Some(running),
             stop: Some(stop),
             dir,
@@ -60,7 +63,7 @@ impl ControlPlane {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.running.as_ref().unwrap().grpc_addr
+        self.grpc
     }
 
     /// Writes a token for `ns`/`sa` into a file and returns its path.
@@ -81,8 +84,8 @@ impl ControlPlane {
         }
     }
 
-    /// Stops and starts again on the same gRPC address with the same CA: a fresh process,
-    /// whose registry of issued certificates is empty.
+    /// Stops (if running) and starts again on the same gRPC address with the same CA: a
+    /// fresh process, whose registry of issued certificates is empty.
     pub async fn restart(&mut self) {
         let grpc = self.addr();
         self.stop().await;
