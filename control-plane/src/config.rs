@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// A certificate is reported `expiring` when less than this share of its life is left.
     #[arg(long, env = "MESHLET_EXPIRING_SHARE", default_value_t = 0.25)]
     pub expiring_share: f64,
+    /// How long an address a sidecar announced stays meshed after its watch closes; a
+    /// sidecar that reconnects within it (a network blip) is never seen as gone.
+    #[arg(long, env = "MESHLET_WITHDRAW_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub withdraw_grace: Duration,
     /// A root or intermediate is reported `expiring` when it expires within this time.
     #[arg(long, env = "MESHLET_CA_EXPIRING_WITHIN", default_value = "30d", value_parser = humantime::parse_duration)]
     pub ca_expiring_within: Duration,
@@ -142,6 +146,7 @@ pub struct Config {
     pub local_tokens: bool,
     pub expiring_share: f64,
     pub ca_expiring_within: Duration,
+    pub withdraw_grace: Duration,
     pub admin_identities: Vec<SpiffeId>,
 }
 
@@ -198,6 +203,7 @@ impl Config {
             local_tokens: true,
             expiring_share: 0.25,
             ca_expiring_within: Duration::from_secs(30 * 86_400),
+            withdraw_grace: Duration::from_secs(10),
             admin_identities: vec![admin],
         })
     }
@@ -270,6 +276,7 @@ impl TryFrom<ServeArgs> for Config {
             inject,
             admin_identities,
             ca_expiring_within: a.ca_expiring_within,
+            withdraw_grace: a.withdraw_grace,
             grpc_addr: a.grpc_addr,
             admin_addr: a.admin_addr,
             data_dir: a.data_dir,

@@ -34,6 +34,8 @@ pub struct DiscoveryService {
     pub registry: Arc<Registry>,
     pub bundle: watch::Receiver<Bundle>,
     pub policy: watch::Receiver<Arc<PolicySet>>,
+    /// How long an announced address outlives its watch (see `--withdraw-grace`).
+    pub withdraw_grace: std::time::Duration,
     pub stop: CancellationToken,
 }
 
@@ -82,8 +84,8 @@ impl Discovery for DiscoveryService {
                     Err(e) => return Err(Status::unavailable(e.to_string())),
                 }
             }
-            self.registry.announce(&own, id.clone());
-            announced = Some((own, id));
+            let generation = self.registry.announce(&own, id.clone());
+            announced = Some((own, id, generation));
         }
         let exact = address.as_deref().map(|a| self.registry.watch_address(a));
         let by_ip = address
@@ -96,15 +98,18 @@ impl Discovery for DiscoveryService {
         let registry = self.registry.clone();
         let stop = self.stop.clone();
         let bundle = self.bundle.clone();
+        let grace = self.withdraw_grace;
         tokio::spawn(async move {
             stream(address, exact, by_ip, bundle, policy, tx, stop.clone()).await;
-            // The sidecar is gone (or reconnecting, and will announce again). A control
-            // plane that is shutting down withdraws nothing: in its last moments its other
-            // watchers would hear "unknown" and refuse traffic to peers that are still there.
-            if let Some((own, id)) = announced
-                && !stop.is_cancelled()
-            {
-                registry.withdraw(&own, &id);
+            // The sidecar is gone, or reconnecting: if it announces again within the grace,
+            // the withdrawal below is void. A control plane that is shutting down withdraws
+            // nothing: its other watchers would hear "unknown" in its last moments and
+            // refuse traffic to peers that are still there.
+            if let Some((own, id, generation)) = announced {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(grace) => registry.withdraw(&own, &id, generation),
+                }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -234,6 +234,7 @@ pub async fn run(
         registry: registry.clone(),
         bundle: bundle_rx,
         policy: policy_rx.clone(),
+        withdraw_grace: config.withdraw_grace,
         stop: stop.clone(),
     };
     let routes = tonic::service::Routes::new(

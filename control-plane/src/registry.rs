@@ -60,6 +60,8 @@ pub struct WorkloadStatus {
 pub struct Registry {
     entries: DashMap<String, Entry>,
     addresses: DashMap<String, watch::Sender<Option<SpiffeId>>>,
+    /// The latest announcement of each announced address, counted up.
+    announcements: DashMap<String, u64>,
 }
 
 impl Registry {
@@ -130,14 +132,28 @@ impl Registry {
     }
 
     /// A sidecar says it serves `address` as `id` (over its open bundle watch): rebuilds
-    /// what a restarted or other replica never saw issued.
-    pub fn announce(&self, address: &str, id: SpiffeId) {
+    /// what a restarted or other replica never saw issued. Returns this announcement's
+    /// generation, for [`Registry::withdraw`].
+    pub fn announce(&self, address: &str, id: SpiffeId) -> u64 {
+        let generation = {
+            let mut g = self.announcements.entry(address.to_owned()).or_insert(0);
+            *g += 1;
+            *g
+        };
         self.set_address(address, Some(id));
+        generation
     }
 
-    /// The sidecar that announced `address` as `id` has gone.
-    pub fn withdraw(&self, address: &str, id: &SpiffeId) {
-        self.unset_address_if(address, id);
+    /// The sidecar that announced `address` as `id` (announcement `generation`) has gone:
+    /// unless it, or another, has announced the address since.
+    pub fn withdraw(&self, address: &str, id: &SpiffeId, generation: u64) {
+        if self
+            .announcements
+            .remove_if(address, |_, latest| *latest == generation)
+            .is_some()
+        {
+            self.unset_address_if(address, id);
+        }
     }
 
     /// Subscribes to the SPIFFE ID served at `address` (None: not meshed).

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{ControlPlane, p256};
 use meshlet_identity::csr::build_csr;
@@ -157,7 +157,7 @@ async fn a_sidecar_announces_its_address_while_its_watch_is_open() {
     // The bundle watch announces 10.5.5.5 (no Certify in this process ever saw it).
     let mut announcer = discovery
         .watch(WatchRequest {
-            token,
+            token: token.clone(),
             address: String::new(),
             announce: "10.5.5.5".into(),
         })
@@ -169,8 +169,35 @@ async fn a_sidecar_announces_its_address_while_its_watch_is_open() {
     assert!(seen.meshed);
     assert_eq!(seen.identity, "spiffe://cluster.local/ns/shop/sa/cart");
 
-    // The announcer goes away: the address is withdrawn.
+    // A blip: the announcer's watch closes and it announces again within the grace. The
+    // observer hears nothing of it, even once the grace has passed.
     drop(announcer);
+    let mut again = discovery
+        .watch(WatchRequest {
+            token: token.clone(),
+            address: String::new(),
+            announce: "10.5.5.5".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let _ = next(&mut again).await;
+    if let Ok(Ok(Some(m))) =
+        tokio::time::timeout(Duration::from_millis(800), observer.message()).await
+    {
+        assert!(
+            m.endpoint.unwrap().meshed,
+            "withdrawn although it announced again within the grace"
+        );
+    }
+
+    // Gone for good: withdrawn once the grace has passed.
+    drop(again);
+    let gone = Instant::now();
     assert!(!next(&mut observer).await.endpoint.unwrap().meshed);
+    assert!(
+        gone.elapsed() >= Duration::from_millis(250),
+        "withdrawn before the grace"
+    );
     cp.stop().await;
 }

@@ -30,7 +30,10 @@ impl ControlPlane {
 
     pub async fn start_in(dir: tempfile::TempDir) -> Self {
         let td = TrustDomain::parse("cluster.local").unwrap();
-        let config = Config::local(dir.path().to_owned(), td, Duration::from_secs(3600)).unwrap();
+        let mut config =
+            Config::local(dir.path().to_owned(), td, Duration::from_secs(3600)).unwrap();
+        // Short, so that the tests see a withdrawal soon after the grace.
+        config.withdraw_grace = Duration::from_millis(300);
         let listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
             .await
             .unwrap();
