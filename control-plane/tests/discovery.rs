@@ -155,15 +155,16 @@ async fn a_sidecar_announces_its_address_while_its_watch_is_open() {
     assert!(!next(&mut observer).await.endpoint.unwrap().meshed);
 
     // The bundle watch announces 10.5.5.5 (no Certify in this process ever saw it).
-    let mut announcer = discovery
-        .watch(WatchRequest {
+    let announce = || {
+        let mut discovery = discovery.clone();
+        let request = WatchRequest {
             token: token.clone(),
             address: String::new(),
             announce: "10.5.5.5".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        };
+        async move { discovery.watch(request).await.unwrap().into_inner() }
+    };
+    let mut announcer = announce().await;
     let _ = next(&mut announcer).await;
     let seen = next(&mut observer).await.endpoint.unwrap();
     assert!(seen.meshed);
@@ -172,15 +173,7 @@ async fn a_sidecar_announces_its_address_while_its_watch_is_open() {
     // A blip: the announcer's watch closes and it announces again within the grace. The
     // observer hears nothing of it, even once the grace has passed.
     drop(announcer);
-    let mut again = discovery
-        .watch(WatchRequest {
-            token: token.clone(),
-            address: String::new(),
-            announce: "10.5.5.5".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut again = announce().await;
     let _ = next(&mut again).await;
     if let Ok(Ok(Some(m))) =
         tokio::time::timeout(Duration::from_millis(800), observer.message()).await
