@@ -56,15 +56,7 @@ async fn smuggling_shapes_never_reach_the_app_unchecked() {
     let mut client = sidecar_config(&cp, cp.token_file("demo", "client"));
     client.routes = vec![route(orders.r().inbound_addr, None)];
     let mut client = Sidecar::start_ready(client).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !http_get(orders.r().admin_addr, "/policy")
-        .await
-        .1
-        .contains("\"orders\"")
-    {
-        assert!(Instant::now() < deadline, "the policy did not arrive");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    orders.wait_for_policy("orders").await;
     let to = client.route(0);
     assert_eq!(http_get(to, "/public/menu").await.0, 200);
 

@@ -49,19 +49,6 @@ async fn rotations(s: &Sidecar) -> u64 {
     v["rotations"].as_u64().unwrap()
 }
 
-/// Polls `cond` every 50 ms for at most 20 s.
-async fn eventually<F, Fut>(what: &str, cond: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond().await {
-        assert!(Instant::now() < deadline, "not within 20 s: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A mesh client holding `chain`/`key` asks B's inbound for "/" over mutual TLS.
 async fn old_peer_gets_through(
     b_inbound: std::net::SocketAddr,
@@ -167,9 +154,11 @@ async fn root_rotation_under_traffic_loses_nothing_and_retires_the_old_root() {
     // 1. A new root reaches both sidecars.
     let (status, body) = post(admin, "/v1/ca/roots", Some(&admin_token)).await;
     assert_eq!(status, 200, "{body}");
-    eventually("both sidecars trust two roots", || async {
-        bundle_len(&a).await == 2 && bundle_len(&b).await == 2
-    })
+    eventually(
+        "both sidecars trust two roots",
+        Duration::from_secs(20),
+        || async { bundle_len(&a).await == 2 && bundle_len(&b).await == 2 },
+    )
     .await;
     let both: Vec<CertificateDer<'static>> = {
         let bundle = std::fs::read(cp.dir.path().join("ca/bundle.crt")).unwrap();
@@ -194,6 +183,7 @@ async fn root_rotation_under_traffic_loses_nothing_and_retires_the_old_root() {
     let (ra, rb) = (rotations(&a).await, rotations(&b).await);
     eventually(
         "both sidecars renewed under the new intermediate",
+        Duration::from_secs(20),
         || async { rotations(&a).await >= ra + 2 && rotations(&b).await >= rb + 2 },
     )
     .await;
@@ -206,9 +196,11 @@ async fn root_rotation_under_traffic_loses_nothing_and_retires_the_old_root() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    eventually("both sidecars trust one root", || async {
-        bundle_len(&a).await == 1 && bundle_len(&b).await == 1
-    })
+    eventually(
+        "both sidecars trust one root",
+        Duration::from_secs(20),
+        || async { bundle_len(&a).await == 1 && bundle_len(&b).await == 1 },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await; // more traffic on the final state
     stop.store(true, Ordering::Relaxed);

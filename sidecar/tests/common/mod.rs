@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -75,6 +75,38 @@ impl ControlPlane {
         let path = self.dir.path().join(format!("{ns}-{sa}.token"));
         std::fs::write(&path, token).unwrap();
         path
+    }
+
+    /// What discovery says about `address` now: the SPIFFE ID it is meshed as, if any.
+    pub async fn discovered(&self, address: SocketAddr) -> Option<String> {
+        use meshlet_proto::discovery::v1::{WatchRequest, discovery_client::DiscoveryClient};
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let pem = std::fs::read(&self.bundle_file).unwrap();
+        let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let tls = meshlet_identity::tls::client_config(
+            meshlet_identity::tls::root_store(&bundle).unwrap(),
+            meshlet_identity::Expected::Exact(self.running.as_ref()?.identity.clone()),
+            None,
+            &[meshlet_proto::connect::GRPC_ALPN],
+        )
+        .unwrap();
+        let channel =
+            meshlet_proto::connect::tls_channel(&self.addr().to_string(), std::sync::Arc::new(tls))
+                .unwrap();
+        let request = WatchRequest {
+            token: std::fs::read_to_string(self.token_file("demo", "observer")).unwrap(),
+            address: address.to_string(),
+            announce: String::new(),
+        };
+        let mut stream = DiscoveryClient::new(channel)
+            .watch(request)
+            .await
+            .ok()?
+            .into_inner();
+        let first = stream.message().await.ok()??;
+        first.endpoint.filter(|e| e.meshed).map(|e| e.identity)
     }
 
     pub async fn stop(&mut self) {
@@ -175,6 +207,17 @@ impl Sidecar {
 
     pub fn route(&self, i: usize) -> SocketAddr {
         self.r().route_addrs[i]
+    }
+
+    /// Waits until the control plane's policy named `name` has reached this sidecar.
+    pub async fn wait_for_policy(&self, name: &str) {
+        let (admin, quoted) = (self.r().admin_addr, format!("\"{name}\""));
+        eventually(
+            &format!("policy {name} reaches the sidecar"),
+            Duration::from_secs(5),
+            async || http_get(admin, "/policy").await.1.contains(&quoted),
+        )
+        .await;
     }
 
     pub async fn metrics(&self) -> String {
@@ -336,4 +379,14 @@ pub fn metric(text: &str, prefix: &str) -> f64 {
                 .and_then(|v| v.trim().parse::<f64>().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// Polls `cond` every 20 ms until it holds: waits on a state the test can observe, never on
+/// time alone. Fails naming `what` after `within`.
+pub async fn eventually(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
