@@ -57,7 +57,7 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHLET_LOCAL_TOKENS", default_value_t = true, action = clap::ArgAction::Set)]
     pub local_tokens: bool,
     /// A certificate is reported `expiring` when less than this share of its life is left.
-    #[arg(long, env = "MESHLET_EXPIRING_SHARE", default_value_t = 0.25)]
+    #[arg(long, env = "MESHLET_EXPIRING_SHARE", default_value_t = meshlet_identity::cert::DEFAULT_EXPIRING_SHARE)]
     pub expiring_share: f64,
     /// How long an address a sidecar announced stays meshed after its watch closes; a
     /// sidecar that reconnects within it (a network blip) is never seen as gone.
@@ -201,7 +201,7 @@ impl Config {
             jwks: None,
             token_issuer: None,
             local_tokens: true,
-            expiring_share: 0.25,
+            expiring_share: meshlet_identity::cert::DEFAULT_EXPIRING_SHARE,
             ca_expiring_within: Duration::from_secs(30 * 86_400),
             withdraw_grace: Duration::from_secs(10),
             admin_identities: vec![admin],

@@ -121,6 +121,10 @@ pub enum CertState {
     Expired,
 }
 
+/// Under this share of its lifetime left, a certificate is `expiring` (the control plane's
+/// `--expiring-share` default, and what the sidecar's `/certs` uses).
+pub const DEFAULT_EXPIRING_SHARE: f64 = 0.25;
+
 /// A workload renews at about half of its certificate's life; past this share without a
 /// renewal it is overdue (the window covers the renewal jitter and a few retries).
 pub const OVERDUE_SHARE: f64 = 0.6;

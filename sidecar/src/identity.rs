@@ -72,10 +72,6 @@ pub struct CertStatus {
     pub trust_bundle: Vec<RootStatus>,
 }
 
-/// Under this share of its lifetime left, a certificate shows as `expiring` on `/certs`
-/// (the control plane's `--expiring-share` default).
-pub const EXPIRING_SHARE: f64 = 0.25;
-
 /// `/certs` as served: the status and the certificate's state at the time of asking.
 #[derive(Debug, Serialize)]
 pub struct CertView<'a> {
@@ -87,10 +83,11 @@ pub struct CertView<'a> {
 
 impl CertStatus {
     pub fn view(&self, now: OffsetDateTime) -> CertView<'_> {
+        use meshlet_identity::cert::{DEFAULT_EXPIRING_SHARE, state};
         let state = self
             .not_before
             .zip(self.not_after)
-            .map(|(nb, na)| meshlet_identity::cert::state(nb, na, now, EXPIRING_SHARE, true));
+            .map(|(nb, na)| state(nb, na, now, DEFAULT_EXPIRING_SHARE, true));
         CertView {
             status: self,
             state,
