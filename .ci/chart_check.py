@@ -180,6 +180,8 @@ def check_chart(label, values, expect):
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["list"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["meshlet-trust-bundle"], "verbs": ["get", "patch", "update"]},
         {"apiGroups": ["meshlet.io"], "resources": ["accesspolicies", "meshpolicies"], "verbs": ["get", "list"]},

@@ -8,6 +8,7 @@
 //!   sidecars mount to trust the control plane at start, is kept current in every namespace
 //!   labelled `meshlet.io/inject=enabled` (server-side apply; on start, every 30 s and
 //!   whenever the bundle changes).
+//! - [`poll`]: the loop that keeps a view of cluster resources (policies, Services) current.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -156,5 +157,27 @@ impl Cluster {
             done += 1;
         }
         Ok(done)
+    }
+}
+
+/// Every `period` until `stop`: `fetch` a view of the cluster and `publish` it. A failed
+/// fetch keeps the previous view, and says so (naming `what`).
+pub async fn poll<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    what: &str,
+    period: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+    mut fetch: impl FnMut() -> F,
+    mut publish: impl FnMut(T),
+) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match fetch().await {
+            Ok(view) => publish(view),
+            Err(e) => tracing::warn!(error = %e, "listing {what} failed; the previous view stays"),
+        }
     }
 }

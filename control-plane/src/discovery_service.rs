@@ -1,10 +1,12 @@
 //! `meshlet.discovery.v1.Discovery/Watch`: one destination's state and the trust bundle.
 //!
 //! A watch for "ip:port" reports the identity registered for exactly that address, else the
-//! one registered for the bare IP (a pod serves every port of its IP). The full state is sent
+//! one registered for the bare IP (a pod serves every port of its IP). When the address is a
+//! Service's ClusterIP:port, the answer also lists its backends, each resolved the same way. The full state is sent
 //! first and again on every change; a stream ends when the client leaves or the control plane
 //! shuts down (the sidecar then watches again).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use meshlet_identity::SpiffeId;
@@ -17,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::identity_service::parse_address;
 use crate::registry::Registry;
+use crate::services::Services;
 use crate::token::{Authenticator, Workload};
 use meshlet_identity::authz::PolicySet;
 
@@ -34,6 +37,8 @@ pub struct DiscoveryService {
     pub registry: Arc<Registry>,
     pub bundle: watch::Receiver<Bundle>,
     pub policy: watch::Receiver<Arc<PolicySet>>,
+    /// Services' ClusterIPs and their backends (see `services`).
+    pub services: Services,
     /// How long an announced address outlives its watch (see `--withdraw-grace`).
     pub withdraw_grace: std::time::Duration,
     pub stop: CancellationToken,
@@ -87,20 +92,17 @@ impl Discovery for DiscoveryService {
             let generation = self.registry.announce(&own, id.clone());
             announced = Some((own, id, generation));
         }
-        let exact = address.as_deref().map(|a| self.registry.watch_address(a));
-        let by_ip = address
-            .as_deref()
-            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-            .map(|a| self.registry.watch_address(&a.ip().to_string()));
         let (tx, rx) = mpsc::channel(4);
         // The bundle-only watch also carries the caller's authorization policy.
         let policy = address.is_none().then(|| (self.policy.clone(), workload));
         let registry = self.registry.clone();
+        let services = self.services.clone();
         let stop = self.stop.clone();
         let bundle = self.bundle.clone();
         let grace = self.withdraw_grace;
         tokio::spawn(async move {
-            stream(address, exact, by_ip, bundle, policy, tx, stop.clone()).await;
+            let asked = address.map(|a| Watched::new(&registry, a));
+            stream(asked, &registry, services, bundle, policy, tx, stop.clone()).await;
             // The sidecar is gone, or reconnecting: if it announces again within the grace,
             // the withdrawal below is void. A control plane that is shutting down withdraws
             // nothing: its other watchers would hear "unknown" in its last moments and
@@ -116,16 +118,94 @@ impl Discovery for DiscoveryService {
     }
 }
 
+/// One address followed in the registry: its exact entry, and its IP's when it has a port
+/// (a pod serves every port of its IP).
+struct Watched {
+    address: String,
+    exact: watch::Receiver<Option<SpiffeId>>,
+    by_ip: Option<watch::Receiver<Option<SpiffeId>>>,
+}
+
+impl Watched {
+    fn new(registry: &Registry, address: String) -> Self {
+        let by_ip = address
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| registry.watch_address(&a.ip().to_string()));
+        Self {
+            exact: registry.watch_address(&address),
+            by_ip,
+            address,
+        }
+    }
+
+    fn endpoint(&mut self) -> Endpoint {
+        let id = self.exact.borrow_and_update().clone().or_else(|| {
+            self.by_ip
+                .as_mut()
+                .and_then(|rx| rx.borrow_and_update().clone())
+        });
+        Endpoint {
+            address: self.address.clone(),
+            meshed: id.is_some(),
+            identity: id.map(|i| i.to_string()).unwrap_or_default(),
+        }
+    }
+
+    async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        match &mut self.by_ip {
+            Some(by_ip) => tokio::select! {
+                r = self.exact.changed() => r,
+                r = by_ip.changed() => r,
+            },
+            None => self.exact.changed().await,
+        }
+    }
+}
+
+/// Sends the state of `asked` (and, when it is a Service's address, of its backends), the
+/// bundle and the policy, again on every change of any of them.
 async fn stream(
-    address: Option<String>,
-    mut exact: Option<watch::Receiver<Option<SpiffeId>>>,
-    mut by_ip: Option<watch::Receiver<Option<SpiffeId>>>,
+    mut asked: Option<Watched>,
+    registry: &Registry,
+    mut services: Services,
     mut bundle: watch::Receiver<Bundle>,
     mut policy: Option<(watch::Receiver<Arc<PolicySet>>, Workload)>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     stop: CancellationToken,
 ) {
+    // No answer about an address before the Services are known (see `services`).
+    if asked.is_some() {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tx.closed() => return,
+            r = services.wait_for(|m| m.is_some()) => if r.is_err() { return },
+        }
+    }
+    let service_key = asked
+        .as_ref()
+        .and_then(|a| a.address.parse::<SocketAddr>().ok());
+    let mut backends: Vec<Watched> = vec![];
+    let mut services_open = true;
     loop {
+        if let Some(key) = service_key {
+            let now: Vec<SocketAddr> = services
+                .borrow_and_update()
+                .as_ref()
+                .and_then(|m| m.get(&key).cloned())
+                .unwrap_or_default();
+            let same = now.len() == backends.len()
+                && now
+                    .iter()
+                    .zip(&backends)
+                    .all(|(a, w)| a.to_string() == w.address);
+            if !same {
+                backends = now
+                    .into_iter()
+                    .map(|a| Watched::new(registry, a.to_string()))
+                    .collect();
+            }
+        }
         let policy_json = match policy.as_mut() {
             Some((rx, w)) => {
                 let mine = crate::policy::for_workload(
@@ -137,15 +217,11 @@ async fn stream(
             }
             None => String::new(),
         };
-        let id = current(&mut exact).or_else(|| current(&mut by_ip));
         let message = WatchResponse {
             trust_bundle: bundle.borrow_and_update().to_vec(),
-            endpoint: address.as_ref().map(|a| Endpoint {
-                address: a.clone(),
-                meshed: id.is_some(),
-                identity: id.map(|i| i.to_string()).unwrap_or_default(),
-            }),
+            endpoint: asked.as_mut().map(Watched::endpoint),
             policy: policy_json,
+            backends: backends.iter_mut().map(Watched::endpoint).collect(),
         };
         if tx.send(Ok(message)).await.is_err() {
             return;
@@ -154,24 +230,31 @@ async fn stream(
             _ = stop.cancelled() => return,
             _ = tx.closed() => return,
             r = bundle.changed() => if r.is_err() { return },
-            r = changed(&mut exact) => if r.is_err() { return },
-            r = changed(&mut by_ip) => if r.is_err() { return },
+            r = changed(asked.as_mut()) => if r.is_err() { return },
+            r = any_changed(&mut backends) => if r.is_err() { return },
+            r = services.changed(), if services_open && service_key.is_some() => {
+                // An embedder that dropped its sender froze the map; it stays as it was.
+                services_open = r.is_ok();
+            }
             r = policy_changed(&mut policy) => if r.is_err() { return },
         }
     }
 }
 
-fn current(rx: &mut Option<watch::Receiver<Option<SpiffeId>>>) -> Option<SpiffeId> {
-    rx.as_mut().and_then(|rx| rx.borrow_and_update().clone())
-}
-
-async fn changed(
-    rx: &mut Option<watch::Receiver<Option<SpiffeId>>>,
-) -> Result<(), watch::error::RecvError> {
-    match rx {
-        Some(rx) => rx.changed().await,
+async fn changed(watched: Option<&mut Watched>) -> Result<(), watch::error::RecvError> {
+    match watched {
+        Some(w) => w.changed().await,
         None => std::future::pending().await,
     }
+}
+
+async fn any_changed(backends: &mut [Watched]) -> Result<(), watch::error::RecvError> {
+    if backends.is_empty() {
+        return std::future::pending().await;
+    }
+    let (first, _, _) =
+        futures_util::future::select_all(backends.iter_mut().map(|w| Box::pin(w.changed()))).await;
+    first
 }
 
 async fn policy_changed(

@@ -14,6 +14,7 @@
 //! - [`inject`]: the sidecar injection patch (pure); [`webhook`]: the admission webhook.
 //! - [`cluster`]: TokenReview, pod IP ownership, the trust bundle ConfigMap (`--kubernetes`).
 //! - [`policy`]: authorization policy from a file or custom resources, per workload.
+//! - [`services`]: Services' ClusterIPs and their backends, for discovery.
 
 pub mod admin;
 pub mod ca_admin;
@@ -27,6 +28,7 @@ pub mod jwks;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
+pub mod services;
 pub mod token;
 pub mod webhook;
 
@@ -121,6 +123,9 @@ pub struct Running {
     pub identity: SpiffeId,
     /// The trust bundle, PEM: what sidecars need to trust the control plane.
     pub trust_bundle_pem: String,
+    /// Without a cluster to learn Services from, an embedder (the demo, tests) publishes
+    /// its own ClusterIP:port to backends map here; `None` with `--kubernetes`.
+    pub services: Option<tokio::sync::watch::Sender<Option<Arc<services::ServiceMap>>>>,
     tasks: JoinSet<Result<(), ControlError>>,
 }
 
@@ -226,6 +231,22 @@ pub async fn run(
             });
         }
     }
+    // With a cluster, no address is answered before its Services are read once.
+    let (services_tx, services_rx) = tokio::sync::watch::channel(match &config.cluster {
+        Some(_) => None,
+        None => Some(Arc::default()),
+    });
+    let services_tx = match &config.cluster {
+        Some(cluster) => {
+            tokio::spawn(services::follow_cluster(
+                cluster.clone(),
+                services_tx,
+                stop.clone(),
+            ));
+            None
+        }
+        None => Some(services_tx),
+    };
     let discovery = DiscoveryService {
         trust_domain: config.trust_domain.clone(),
         cluster: config.cluster.clone(),
@@ -234,6 +255,7 @@ pub async fn run(
         registry: registry.clone(),
         bundle: bundle_rx,
         policy: policy_rx.clone(),
+        services: services_rx,
         withdraw_grace: config.withdraw_grace,
         stop: stop.clone(),
     };
@@ -302,6 +324,7 @@ pub async fn run(
         webhook_addr: running_webhook,
         identity,
         trust_bundle_pem,
+        services: services_tx,
         tasks,
     })
 }

@@ -92,26 +92,19 @@ pub async fn follow_cluster(
     tx: watch::Sender<Arc<PolicySet>>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match list_cluster(&cluster).await {
-            Ok(set) => {
-                tx.send_if_modified(|current| {
-                    let changed = **current != set;
-                    *current = Arc::new(set);
-                    changed
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "listing policy resources failed; the previous policy stays")
-            }
-        }
-    }
+    let fetch = || list_cluster(&cluster);
+    let publish = |set: PolicySet| {
+        tx.send_if_modified(|current| {
+            let changed = **current != set;
+            *current = Arc::new(set);
+            changed
+        });
+    };
+    crate::cluster::poll("policy resources", POLL, stop, fetch, publish).await;
 }
+
+/// How often the cluster's policy resources are listed.
+const POLL: Duration = Duration::from_secs(2);
 
 async fn list_cluster(cluster: &Cluster) -> Result<PolicySet, PolicyError> {
     let resource = |kind: &str, plural: &str| {

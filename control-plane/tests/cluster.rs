@@ -15,6 +15,8 @@ use meshlet_control::cluster::Cluster;
 use meshlet_control::{Config, Listeners};
 use meshlet_identity::csr::build_csr;
 use meshlet_identity::{Expected, TrustDomain, tls};
+use meshlet_proto::discovery::v1::WatchRequest;
+use meshlet_proto::discovery::v1::discovery_client::DiscoveryClient;
 use meshlet_proto::identity::v1::CertifyRequest;
 use meshlet_proto::identity::v1::identity_client::IdentityClient;
 use rustls::pki_types::CertificateDer;
@@ -88,6 +90,30 @@ fn namespaces() -> Value {
     json!({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {"resourceVersion": "98765"}, "items": [ns("shop"), ns("prod")]})
 }
 
+fn services() -> Value {
+    json!({"kind": "ServiceList", "apiVersion": "v1", "metadata": {"resourceVersion": "777"},
+    "items": [{"metadata": {"name": "web", "namespace": "shop", "uid": "5d1c8e2a-7b3f-4f0e-9c61-2a8b7d9e0f11", "resourceVersion": "700"},
+               "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ipFamilies": ["IPv4"],
+                        "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+                        "selector": {"app": "web"}, "sessionAffinity": "None"},
+               "status": {"loadBalancer": {}}}]})
+}
+
+fn endpoint_slices() -> Value {
+    json!({"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1", "metadata": {"resourceVersion": "778"},
+    "items": [{"metadata": {"name": "web-7xk2p", "namespace": "shop", "generateName": "web-", "resourceVersion": "701",
+                            "labels": {"endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io", "kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4",
+               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+               "endpoints": [
+                 {"addresses": ["10.244.1.7"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                  "targetRef": {"kind": "Pod", "name": "cart-0", "namespace": "shop"}, "nodeName": "node-1"},
+                 {"addresses": ["10.244.2.9"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                  "targetRef": {"kind": "Pod", "name": "legacy-0", "namespace": "shop"}, "nodeName": "node-2"},
+                 {"addresses": ["10.244.3.3"], "conditions": {"ready": false, "serving": false, "terminating": true},
+                  "targetRef": {"kind": "Pod", "name": "old-0", "namespace": "shop"}, "nodeName": "node-2"}]}]})
+}
+
 /// A fake API server on loopback: answers the recorded responses, records applies.
 async fn fake_api(applied: Applied) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -124,6 +150,10 @@ async fn fake_api(applied: Applied) -> String {
                                     ) =>
                                 {
                                     (200, namespaces())
+                                }
+                                ("GET", "/api/v1/services") => (200, services()),
+                                ("GET", "/apis/discovery.k8s.io/v1/endpointslices") => {
+                                    (200, endpoint_slices())
                                 }
                                 ("GET", "/apis/meshlet.io/v1alpha1/meshpolicies") => {
                                     (200, mesh_policies())
@@ -186,16 +216,17 @@ async fn token_review_pod_ownership_and_bundle_configmaps() {
         CertificateDer::pem_slice_iter(running.trust_bundle_pem.as_bytes())
             .collect::<Result<_, _>>()
             .unwrap();
-    let tls = tls::client_config(
-        tls::root_store(&bundle).unwrap(),
-        Expected::Exact(running.identity.clone()),
-        None,
-        &[b"h2"],
-    )
-    .unwrap();
-    let mut client = IdentityClient::new(
-        meshlet_proto::connect::tls_channel(&running.grpc_addr.to_string(), Arc::new(tls)).unwrap(),
+    let tls = Arc::new(
+        tls::client_config(
+            tls::root_store(&bundle).unwrap(),
+            Expected::Exact(running.identity.clone()),
+            None,
+            &[b"h2"],
+        )
+        .unwrap(),
     );
+    let channel = meshlet_proto::connect::tls_channel(&running.grpc_addr.to_string(), tls).unwrap();
+    let mut client = IdentityClient::new(channel.clone());
     let certify = |token: &str, pod_ip: &str| CertifyRequest {
         csr: build_csr(&p256(), None).unwrap(),
         token: token.into(),
@@ -242,6 +273,45 @@ async fn token_review_pod_ownership_and_bundle_configmaps() {
             err.message()
         );
     }
+
+    // A Service's ClusterIP is answered with its ready backends, each resolved: the pod that
+    // registered its IP above is meshed, the other is not, the terminating one is absent.
+    let mut discovery = DiscoveryClient::new(channel);
+    let mut watch = discovery
+        .watch(WatchRequest {
+            token: "cart-token".into(),
+            address: "10.96.0.10:80".into(),
+            announce: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("discovery answers once the Services are read")
+        .unwrap()
+        .unwrap();
+    let backends: Vec<(String, bool, String)> = first
+        .backends
+        .iter()
+        .map(|e| (e.address.clone(), e.meshed, e.identity.clone()))
+        .collect();
+    assert_eq!(
+        backends,
+        vec![
+            (
+                "10.244.1.7:8080".into(),
+                true,
+                "spiffe://cluster.local/ns/shop/sa/cart".into()
+            ),
+            ("10.244.2.9:8080".into(), false, String::new()),
+        ]
+    );
+    assert!(
+        !first.endpoint.unwrap().meshed,
+        "the ClusterIP itself is no pod"
+    );
+    drop(watch);
 
     // The trust bundle ConfigMap reaches both labelled namespaces.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -37,6 +37,38 @@ pub enum Resolution {
     NotMeshed,
     /// No answer (yet): the control plane is unreachable or slow.
     Unknown,
+    /// A Kubernetes Service's ClusterIP:port: connect to one of these backends directly
+    /// (empty: the Service has no ready backend).
+    Service(Arc<[Backend]>),
+}
+
+/// One backend of a Service, resolved like any destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub resolution: Resolution,
+}
+
+impl Resolution {
+    /// Whether traffic here is (or was) mutual TLS: meshed, or a Service with a meshed backend.
+    fn is_meshed(&self) -> bool {
+        match self {
+            Resolution::Meshed(_) => true,
+            Resolution::Service(backends) => backends.iter().any(|b| b.resolution.is_meshed()),
+            Resolution::NotMeshed | Resolution::Unknown => false,
+        }
+    }
+
+    /// What one `Endpoint` of a Watch answer says.
+    fn of_endpoint(e: &meshlet_proto::discovery::v1::Endpoint) -> Resolution {
+        match e.meshed {
+            true => match SpiffeId::parse(&e.identity) {
+                Ok(id) => Resolution::Meshed(id),
+                Err(_) => Resolution::Unknown,
+            },
+            false => Resolution::NotMeshed,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -68,7 +100,7 @@ fn downgrade_guard(
             left.store(0, Ordering::Relaxed);
             Resolution::Meshed(id)
         }
-        (Resolution::Meshed(_), Resolution::NotMeshed) => {
+        (current, Resolution::NotMeshed) if current.is_meshed() => {
             left.store(now_ms, Ordering::Relaxed);
             Resolution::Unknown
         }
@@ -82,6 +114,41 @@ fn downgrade_guard(
             }
         }
         (_, other) => other,
+    }
+}
+
+/// The downgrade guard of each backend of a Service, so a backend that was meshed is not
+/// reached in plaintext at once either.
+#[derive(Debug, Default)]
+struct BackendGuards(std::collections::HashMap<SocketAddr, (Resolution, AtomicU64)>);
+
+impl BackendGuards {
+    /// The backends of a Watch answer, guarded; backends no longer listed are forgotten.
+    fn guard(
+        &mut self,
+        endpoints: &[meshlet_proto::discovery::v1::Endpoint],
+        now: Duration,
+    ) -> Vec<Backend> {
+        let mut out = Vec::with_capacity(endpoints.len());
+        let mut next = std::collections::HashMap::with_capacity(endpoints.len());
+        for e in endpoints {
+            let Ok(addr) = e.address.parse::<SocketAddr>() else {
+                tracing::warn!(address = %e.address, "discovery sent a backend that is not an address; skipped");
+                continue;
+            };
+            let (previous, left) = self
+                .0
+                .remove(&addr)
+                .unwrap_or((Resolution::Unknown, AtomicU64::new(0)));
+            let resolution = downgrade_guard(&previous, Resolution::of_endpoint(e), &left, now);
+            out.push(Backend {
+                addr,
+                resolution: resolution.clone(),
+            });
+            next.insert(addr, (resolution, left));
+        }
+        self.0 = next;
+        out
     }
 }
 
@@ -157,6 +224,7 @@ impl Resolver {
                 }
             };
             let epoch = me.epoch;
+            let mut backends = BackendGuards::default();
             follow(
                 me.client.clone(),
                 &me.token_file,
@@ -165,13 +233,12 @@ impl Resolver {
                 &me.stop,
                 idle,
                 |msg| {
-                    let answer = match msg.endpoint {
-                        Some(e) if e.meshed => match SpiffeId::parse(&e.identity) {
-                            Ok(id) => Resolution::Meshed(id),
-                            Err(_) => Resolution::Unknown,
-                        },
-                        Some(_) => Resolution::NotMeshed,
-                        None => Resolution::Unknown,
+                    let answer = match (&msg.endpoint, msg.backends.is_empty()) {
+                        (Some(_), false) => Resolution::Service(
+                            backends.guard(&msg.backends, epoch.elapsed()).into(),
+                        ),
+                        (Some(e), true) => Resolution::of_endpoint(e),
+                        (None, _) => Resolution::Unknown,
                     };
                     tx.send_if_modified(|current| {
                         let next = downgrade_guard(current, answer, &left, epoch.elapsed());
@@ -338,6 +405,66 @@ mod tests {
         assert_eq!(
             downgrade_guard(&Resolution::Unknown, Resolution::NotMeshed, &fresh, s(5)),
             Resolution::NotMeshed
+        );
+    }
+
+    #[test]
+    fn a_service_backend_that_was_meshed_is_not_downgraded_at_once() {
+        let endpoint = |address: &str, identity: &str| meshlet_proto::discovery::v1::Endpoint {
+            address: address.into(),
+            meshed: !identity.is_empty(),
+            identity: identity.into(),
+        };
+        let id = "spiffe://td/ns/a/sa/b";
+        let meshed = Resolution::Meshed(SpiffeId::parse(id).expect("valid"));
+        let s = Duration::from_secs;
+        let mut guards = BackendGuards::default();
+        let summary = |b: Vec<Backend>| -> Vec<(String, Resolution)> {
+            b.into_iter()
+                .map(|b| (b.addr.to_string(), b.resolution))
+                .collect()
+        };
+        let first = guards.guard(
+            &[
+                endpoint("10.0.0.1:80", id),
+                endpoint("10.0.0.2:80", ""),
+                endpoint("bogus", id),
+            ],
+            s(10),
+        );
+        assert_eq!(
+            summary(first),
+            vec![
+                ("10.0.0.1:80".into(), meshed.clone()),
+                ("10.0.0.2:80".into(), Resolution::NotMeshed),
+            ],
+            "a backend that is not an address is skipped"
+        );
+        // The meshed backend is reported not meshed (a restarted control plane): held.
+        let held = guards.guard(
+            &[endpoint("10.0.0.1:80", ""), endpoint("10.0.0.2:80", "")],
+            s(11),
+        );
+        assert_eq!(held[0].resolution, Resolution::Unknown);
+        assert_eq!(held[1].resolution, Resolution::NotMeshed);
+        let later = guards.guard(&[endpoint("10.0.0.1:80", "")], s(11) + LEAVE_GRACE);
+        assert_eq!(
+            later[0].resolution,
+            Resolution::NotMeshed,
+            "after the grace"
+        );
+        // A Service that had a meshed backend and is no longer a Service: held too.
+        let service = Resolution::Service(
+            vec![Backend {
+                addr: "10.0.0.1:80".parse().expect("valid"),
+                resolution: meshed,
+            }]
+            .into(),
+        );
+        let left = AtomicU64::new(0);
+        assert_eq!(
+            downgrade_guard(&service, Resolution::NotMeshed, &left, s(50)),
+            Resolution::Unknown
         );
     }
 }

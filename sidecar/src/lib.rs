@@ -244,6 +244,7 @@ pub async fn run(
         limits,
         drain: draining.clone(),
         tracer: tracer.clone(),
+        picks: Default::default(),
     });
     let inbound = Arc::new(Inbound {
         creds: creds.clone(),

@@ -4,7 +4,8 @@
 //! gets mutual TLS and must present the SPIFFE ID discovery (or the route) names; a
 //! destination known not to be meshed is passed through; an unknown one is refused (never
 //! plaintext to what may be a meshed peer); without a valid certificate, mesh traffic is
-//! refused (never fail open).
+//! refused (never fail open). A Kubernetes Service's ClusterIP is replaced by one of its
+//! backends (round robin over those discovery has answered for), each decided alike.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,12 +36,13 @@ pub enum Plan {
 }
 
 /// Decides an outbound connection to `dst`. `own` are the sidecar's listeners (a
-/// connection to one of them would loop).
+/// connection to one of them would loop). `pick` chooses among a Service's backends.
 pub fn decide(
     dst: SocketAddr,
     own: &[SocketAddr],
     resolution: &Resolution,
     have_creds: bool,
+    pick: usize,
 ) -> Plan {
     let loops = own.iter().any(|o| {
         o.port() == dst.port()
@@ -57,6 +59,18 @@ pub fn decide(
         },
         Resolution::NotMeshed => Plan::Passthrough(dst),
         Resolution::Unknown => Plan::Refuse(Refusal::discovery_unavailable),
+        // No ready backend: kube-proxy answers as it would without the mesh.
+        Resolution::Service(backends) if backends.is_empty() => Plan::Passthrough(dst),
+        Resolution::Service(backends) => {
+            let known: Vec<_> = backends
+                .iter()
+                .filter(|b| b.resolution != Resolution::Unknown)
+                .collect();
+            match known.get(pick % known.len().max(1)) {
+                Some(b) => decide(b.addr, own, &b.resolution, have_creds, 0),
+                None => Plan::Refuse(Refusal::discovery_unavailable),
+            }
+        }
     }
 }
 
@@ -73,6 +87,8 @@ pub struct Outbound {
     pub limits: Limits,
     pub drain: CancellationToken,
     pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    /// Counts connections, to take a Service's backends in turn.
+    pub picks: std::sync::atomic::AtomicUsize,
 }
 
 impl Outbound {
@@ -93,7 +109,10 @@ impl Outbound {
             .borrow()
             .clone()
             .filter(|c| c.valid_at(SystemTime::now()));
-        let plan = decide(dst, &self.own, &resolution, creds.is_some());
+        let pick = self
+            .picks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let plan = decide(dst, &self.own, &resolution, creds.is_some(), pick);
         tracing::debug!(%dst, ?plan, "outbound");
         match (plan, creds) {
             (Plan::Refuse(reason), _) => self.metrics.refuse(Direction::outbound, reason),
@@ -181,12 +200,82 @@ mod tests {
             dst,
             identity: id.clone(),
         };
-        let cases: Vec<(&str, SocketAddr, Resolution, bool, Plan)> = vec![
+        let (b1, b2, b3): (SocketAddr, SocketAddr, SocketAddr) = (
+            "10.244.1.7:8080".parse().expect("valid"),
+            "10.244.2.9:8080".parse().expect("valid"),
+            "10.244.3.3:8080".parse().expect("valid"),
+        );
+        let backend = |addr, resolution| crate::discovery::Backend { addr, resolution };
+        let service = Resolution::Service(
+            vec![
+                backend(b1, meshed.clone()),
+                backend(b2, Resolution::Unknown),
+                backend(b3, Resolution::NotMeshed),
+            ]
+            .into(),
+        );
+        let vip: SocketAddr = "10.96.0.10:80".parse().expect("valid");
+        let cases: Vec<(&str, SocketAddr, Resolution, bool, usize, Plan)> = vec![
+            (
+                "a Service: the first known backend, with its identity",
+                vip,
+                service.clone(),
+                true,
+                0,
+                Plan::Mesh {
+                    dst: b1,
+                    identity: id.clone(),
+                },
+            ),
+            (
+                "a Service: the next pick skips the unknown backend",
+                vip,
+                service.clone(),
+                true,
+                1,
+                Plan::Passthrough(b3),
+            ),
+            (
+                "a Service: picks wrap around",
+                vip,
+                service.clone(),
+                true,
+                2,
+                Plan::Mesh {
+                    dst: b1,
+                    identity: id.clone(),
+                },
+            ),
+            (
+                "a Service's meshed backend without a certificate: refused",
+                vip,
+                service.clone(),
+                false,
+                0,
+                Plan::Refuse(Refusal::no_certificate),
+            ),
+            (
+                "a Service whose backends are all unknown: refused",
+                vip,
+                Resolution::Service(vec![backend(b2, Resolution::Unknown)].into()),
+                true,
+                7,
+                Plan::Refuse(Refusal::discovery_unavailable),
+            ),
+            (
+                "a Service with no ready backend: to the ClusterIP, as without a mesh",
+                vip,
+                Resolution::Service(vec![].into()),
+                true,
+                0,
+                Plan::Passthrough(vip),
+            ),
             (
                 "meshed, have a certificate",
                 dst,
                 meshed.clone(),
                 true,
+                0,
                 mesh,
             ),
             (
@@ -194,6 +283,7 @@ mod tests {
                 dst,
                 meshed.clone(),
                 false,
+                0,
                 Plan::Refuse(Refusal::no_certificate),
             ),
             (
@@ -201,6 +291,7 @@ mod tests {
                 dst,
                 Resolution::NotMeshed,
                 true,
+                0,
                 Plan::Passthrough(dst),
             ),
             (
@@ -208,6 +299,7 @@ mod tests {
                 dst,
                 Resolution::NotMeshed,
                 false,
+                0,
                 Plan::Passthrough(dst),
             ),
             (
@@ -215,6 +307,7 @@ mod tests {
                 dst,
                 Resolution::Unknown,
                 true,
+                0,
                 Plan::Refuse(Refusal::discovery_unavailable),
             ),
             (
@@ -222,6 +315,7 @@ mod tests {
                 "127.0.0.1:15001".parse().expect("valid"),
                 Resolution::NotMeshed,
                 true,
+                0,
                 Plan::Refuse(Refusal::loop_detected),
             ),
             (
@@ -229,6 +323,7 @@ mod tests {
                 "127.0.0.1:7000".parse().expect("valid"),
                 meshed.clone(),
                 true,
+                0,
                 Plan::Refuse(Refusal::loop_detected),
             ),
             (
@@ -236,11 +331,16 @@ mod tests {
                 "10.0.0.9:15001".parse().expect("valid"),
                 Resolution::NotMeshed,
                 true,
+                0,
                 Plan::Passthrough("10.0.0.9:15001".parse().expect("valid")),
             ),
         ];
-        for (name, dst, resolution, have_creds, want) in cases {
-            assert_eq!(decide(dst, &own, &resolution, have_creds), want, "{name}");
+        for (name, dst, resolution, have_creds, pick, want) in cases {
+            assert_eq!(
+                decide(dst, &own, &resolution, have_creds, pick),
+                want,
+                "{name}"
+            );
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The mesh end to end in one process (explicit mode, loopback, port 0): HTTP and TCP
 //! through two sidecars over mutual TLS, passthrough, strict mode, identity checks, fail
-//! closed without a certificate, server-first protocols, and drain.
+//! closed without a certificate, server-first protocols, drain, and a Service's address
+//! balanced over its backends.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
@@ -384,5 +385,84 @@ async fn sidecar_metrics_pass_promtool_after_traffic() {
     }
     a.stop().await;
     b.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn a_service_address_is_balanced_over_its_backends_each_with_its_own_identity() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    // Two meshed backends (strict: only mutual TLS gets in) with different identities, and
+    // one backend without a sidecar.
+    let mut backends = vec![];
+    for (sa, name) in [("web-a", "one"), ("web-b", "two")] {
+        let mut config = sidecar_config(&cp, cp.token_file("demo", sa));
+        config.app_addr = Some(http_app(name).await);
+        config.inbound_mode = InboundMode::Strict;
+        backends.push(Sidecar::start_ready(config).await);
+    }
+    let plain = http_app("three").await;
+    // The Service's address: nothing listens there, so passing through to it fails.
+    let vip: std::net::SocketAddr = "127.0.0.77:9".parse().unwrap();
+    let services = cp.running.as_ref().unwrap().services.as_ref().unwrap();
+    let publish = |list: Vec<std::net::SocketAddr>| {
+        services.send_replace(Some(std::sync::Arc::new(
+            [(vip, list)].into_iter().collect(),
+        )));
+    };
+    publish(vec![
+        backends[0].r().inbound_addr,
+        backends[1].r().inbound_addr,
+        plain,
+    ]);
+    let mut client = sidecar_config(&cp, cp.token_file("demo", "client"));
+    client.routes = vec![route(vip, None)];
+    let mut client = Sidecar::start_ready(client).await;
+
+    let mut seen = vec![];
+    for _ in 0..6 {
+        let (status, body) = http_get(client.route(0), "/hello").await;
+        assert_eq!(status, 200, "{body}");
+        seen.push(body);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "one GET /hello",
+            "one GET /hello",
+            "three GET /hello",
+            "three GET /hello",
+            "two GET /hello",
+            "two GET /hello"
+        ],
+        "round robin over the three backends"
+    );
+    let m = client.metrics().await;
+    let count = |tls: &str| {
+        metric(
+            &m,
+            &format!(r#"meshlet_tcp_connections_total{{direction="outbound",tls="{tls}"}}"#),
+        )
+    };
+    assert_eq!((count("true"), count("false")), (4.0, 2.0), "{m}");
+
+    // A backend leaves the Service: the next connections go to the others only.
+    publish(vec![backends[0].r().inbound_addr]);
+    eventually(
+        "the Service to shrink to one backend",
+        Duration::from_secs(5),
+        async || http_get(client.route(0), "/hello").await.1 == "one GET /hello",
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            http_get(client.route(0), "/hello").await.1,
+            "one GET /hello"
+        );
+    }
+    client.stop().await;
+    for mut b in backends {
+        b.stop().await;
+    }
     cp.stop().await;
 }
