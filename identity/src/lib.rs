@@ -23,3 +23,8 @@ pub use verify::Expected;
 
 /// The ALPN protocol that marks a connection between meshlet sidecars.
 pub const MESH_ALPN: &[u8] = b"meshlet/1";
+
+/// The ALPN protocol of a pooled connection between sidecars: HTTP/2 carrying the HTTP
+/// requests of many app connections, each stream saying its original protocol in the
+/// `meshlet-orig-proto` header. A sidecar that does not know it negotiates [`MESH_ALPN`].
+pub const POOLED_ALPN: &[u8] = b"meshlet/h2";

@@ -1,6 +1,7 @@
-//! HTTP/1.1 and HTTP/2 proxying per request, with hyper, over one upstream connection per
-//! downstream connection (keep-alive on both sides). Each request is counted and timed;
-//! an upstream that fails gets the client a 502. HTTP/1.1 upgrades (WebSocket) are relayed.
+//! HTTP/1.1 and HTTP/2 proxying per request, with hyper. The upstream is one connection per
+//! downstream connection (keep-alive on both sides), or, between sidecars, a pooled HTTP/2
+//! connection shared by many (see [`crate::pool`]). Each request is counted and timed; an
+//! upstream that fails gets the client a 502. HTTP/1.1 upgrades (WebSocket) are relayed.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use tokio::sync::Mutex;
 
 use crate::detect::Protocol;
 use crate::metrics::{DirectionLabels, RequestLabels};
+use crate::pool;
 use crate::relay::RelayCtx;
 use crate::trace;
 
@@ -27,26 +29,41 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// The upstream half: HTTP/1 sends one request at a time, HTTP/2 multiplexes.
-#[derive(Clone)]
-enum Upstream {
+/// Where a connection's requests go.
+#[derive(Clone, Debug)]
+pub enum Upstream {
+    /// A connection of its own: HTTP/1 sends one request at a time.
     H1(Arc<Mutex<client1::SendRequest<Incoming>>>),
+    /// A connection of its own: HTTP/2 multiplexes.
     H2(client2::SendRequest<Incoming>),
+    /// Outbound to a meshed destination: streams of a pooled connection.
+    Pooled(Arc<pool::Route>),
+    /// Inbound on a pooled connection: the app at this address, in each request's protocol.
+    App(Arc<pool::AppClients>, std::net::SocketAddr),
 }
 
 impl Upstream {
-    async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error> {
+    async fn send(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, pool::SendError> {
+        if matches!(self, Self::H1(_) | Self::H2(_)) {
+            // Meaningful only on a pooled connection; never passed on from a client.
+            req.headers_mut().remove(pool::ORIG_PROTO);
+        }
         match self {
             Self::H1(sender) => {
                 let mut sender = sender.lock().await;
                 sender.ready().await?;
-                sender.send_request(req).await
+                Ok(sender.send_request(req).await?)
             }
             Self::H2(sender) => {
                 let mut sender = sender.clone();
                 sender.ready().await?;
-                sender.send_request(req).await
+                Ok(sender.send_request(req).await?)
             }
+            Self::Pooled(route) => route.send(req).await,
+            Self::App(clients, app) => clients.send(*app, req).await,
         }
     }
 }
@@ -57,13 +74,17 @@ where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let upstream = match handshake(up, protocol).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::debug!(error = %e, "upstream HTTP handshake failed");
-            return;
-        }
-    };
+    match handshake(up, protocol).await {
+        Ok(upstream) => serve(down, protocol, upstream, ctx).await,
+        Err(e) => tracing::debug!(error = %e, "upstream HTTP handshake failed"),
+    }
+}
+
+/// Serves the HTTP client on `down`, sending each request to `upstream`, until it is done.
+pub async fn serve<D>(down: D, protocol: Protocol, upstream: Upstream, ctx: &RelayCtx)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let ctx = Arc::new(ctx.clone());
     let service_ctx = ctx.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -80,6 +101,7 @@ where
                 .max_header_list_size(
                     u32::try_from(ctx.limits.max_header_bytes).unwrap_or(u32::MAX),
                 )
+                .adaptive_window(true)
                 .serve_connection(io, service);
             tokio::pin!(conn);
             tokio::select! {

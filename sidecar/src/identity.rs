@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use meshlet_identity::cert::{self, CertSummary};
 use meshlet_identity::csr::build_csr;
-use meshlet_identity::{Expected, MESH_ALPN, SpiffeId, TrustDomain, tls};
+use meshlet_identity::{Expected, MESH_ALPN, POOLED_ALPN, SpiffeId, TrustDomain, tls};
 use meshlet_proto::identity::v1::CertifyRequest;
 use meshlet_proto::identity::v1::identity_client::IdentityClient;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -43,6 +43,8 @@ pub struct Creds {
     /// Outbound: presents our SVID, accepts servers of our trust domain; the exact
     /// expected SPIFFE ID is checked after the handshake.
     pub client: Arc<rustls::ClientConfig>,
+    /// As `client`, offering the pooled protocol first (see [`crate::pool`]).
+    pub pooled_client: Arc<rustls::ClientConfig>,
     pub not_after: SystemTime,
 }
 
@@ -277,7 +279,7 @@ fn creds(issued: &Issued) -> Result<Creds, tls::TlsConfigError> {
         issued.chain.clone(),
         issued.key.clone_key(),
         Some((roots.clone(), Expected::TrustDomain(td.clone()))),
-        &[MESH_ALPN],
+        &[POOLED_ALPN, MESH_ALPN],
     )?;
     let client = tls::client_config(
         roots,
@@ -285,11 +287,14 @@ fn creds(issued: &Issued) -> Result<Creds, tls::TlsConfigError> {
         Some((issued.chain.clone(), issued.key.clone_key())),
         &[MESH_ALPN],
     )?;
+    let mut pooled_client = client.clone();
+    pooled_client.alpn_protocols = vec![POOLED_ALPN.to_vec(), MESH_ALPN.to_vec()];
     Ok(Creds {
         id: issued.id.clone(),
         trust_domain: td,
         server: Arc::new(server),
         client: Arc::new(client),
+        pooled_client: Arc::new(pooled_client),
         not_after: issued.summary.not_after.into(),
     })
 }

@@ -2,7 +2,8 @@
 //! terminate, pass through or refuse, then act.
 //!
 //! A TLS ClientHello offering meshlet's ALPN is terminated with mutual TLS (the client
-//! must present a valid SVID of our trust domain) and forwarded in plaintext to the app.
+//! must present a valid SVID of our trust domain) and forwarded in plaintext to the app;
+//! on a pooled connection (`meshlet/h2`), request by request.
 //! Anything else is passed through untouched in permissive mode and refused in strict mode.
 
 use std::net::SocketAddr;
@@ -10,17 +11,22 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
-use meshlet_identity::MESH_ALPN;
 use meshlet_identity::cert::svid_id;
+use meshlet_identity::{MESH_ALPN, POOLED_ALPN};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::detect::Protocol;
 use crate::detect::{self, Hello};
+use crate::http::Upstream;
 use crate::identity::Creds;
 use crate::io::{Prefixed, sniff};
 use crate::metrics::{ConnEvent, Direction, HandshakeError, Metrics, Refusal, TlsInfo};
-use crate::relay::{InboundAuthz, Limits, PolicyRx, RelayCtx, connect, no_policy_yet, relay};
+use crate::pool::AppClients;
+use crate::relay::{
+    InboundAuthz, Limits, PolicyRx, RelayCtx, connect, no_policy_yet, relay, serve_http,
+};
 use meshlet_identity::SpiffeId;
 use meshlet_identity::authz::{ConnectionVerdict, MtlsMode, Target};
 
@@ -50,7 +56,9 @@ pub enum Sniffed {
 /// Classifies the sniffed bytes.
 pub fn classify(bytes: &[u8]) -> Sniffed {
     match detect::client_hello(bytes) {
-        Hello::Tls { alpn } if alpn.iter().any(|p| p == MESH_ALPN) => Sniffed::MeshTls,
+        Hello::Tls { alpn } if alpn.iter().any(|p| p == MESH_ALPN || p == POOLED_ALPN) => {
+            Sniffed::MeshTls
+        }
         Hello::Tls { .. } => Sniffed::OtherTls,
         Hello::NotTls => Sniffed::Plaintext,
         Hello::NeedMore if bytes.is_empty() => Sniffed::Silent,
@@ -91,6 +99,19 @@ pub fn decide(
     }
 }
 
+/// How long until the client certificate of `conn` expires (zero when unknown).
+fn peer_expiry(conn: &rustls::ServerConnection) -> Duration {
+    let not_after = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| meshlet_identity::cert::summarize(leaf).ok())
+        .map(|s| s.not_after);
+    not_after
+        .map(|t| t - time::OffsetDateTime::now_utc())
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or_default()
+}
+
 /// The inbound side of the sidecar.
 #[derive(Debug)]
 pub struct Inbound {
@@ -112,6 +133,8 @@ pub struct Inbound {
     /// This workload's namespace and service account, from its token: known even before
     /// (or after) it holds a valid certificate.
     pub workload: Option<(String, String)>,
+    /// Keep-alive connections to the app for requests that arrive on pooled connections.
+    pub app_clients: Arc<AppClients>,
 }
 
 impl Inbound {
@@ -188,12 +211,25 @@ impl Inbound {
         let Ok(authz) = self.authorize(app.port(), Some(peer.clone())) else {
             return;
         };
+        let info = TlsInfo::of(tls.get_ref().1, peer.to_string());
+        if tls.get_ref().1.alpn_protocol() == Some(POOLED_ALPN) {
+            // Many app connections' requests as HTTP/2 streams: each to the app in the
+            // protocol it was sent in, each checked against the policy. A pooled connection
+            // lives long: it is closed when the client's certificate expires.
+            let expires = peer_expiry(tls.get_ref().1);
+            let upstream = Upstream::App(self.app_clients.clone(), app);
+            let ctx = self.ctx(Some(info), authz);
+            let served = serve_http(tls, Protocol::Http2, upstream, ctx);
+            if tokio::time::timeout(expires, served).await.is_err() {
+                tracing::info!(%peer, "pooled connection closed: the client's certificate expired");
+            }
+            return;
+        }
         let Ok(upstream) = connect(app, self.connect_timeout).await else {
             return self
                 .metrics
                 .refuse(Direction::inbound, Refusal::upstream_unreachable);
         };
-        let info = TlsInfo::of(tls.get_ref().1, peer.to_string());
         relay(tls, upstream, self.ctx(Some(info), authz)).await;
     }
 

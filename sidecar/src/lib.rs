@@ -8,6 +8,7 @@
 //! - [`discovery`]: per-destination watches: meshed or not, and with which identity.
 //! - [`outbound`], [`inbound`]: one `decide` (pure, table-tested) and one `handle` each.
 //! - [`relay`]: protocol detection, then [`http`] (hyper, per request) or opaque TCP copy.
+//! - [`pool`]: HTTP/2 connections between sidecars shared by many app connections.
 //! - [`detect`]: ClientHello/ALPN and HTTP detection on first bytes; [`io`]: replay, sniff.
 //! - [`init`]: the iptables capture rules (`meshlet-proxy init`); [`orig_dst`]: SO_ORIGINAL_DST.
 //! - [`admin`]: `/ready`, `/live`, `/certs`, `/metrics`; [`metrics`]: closed label sets.
@@ -25,6 +26,7 @@ pub mod io;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
+pub mod pool;
 pub mod relay;
 pub mod trace;
 
@@ -233,6 +235,8 @@ pub async fn run(
         background.clone(),
     );
 
+    let pool = pool::Pool::new(config.connect_timeout, config.handshake_timeout);
+    tokio::spawn(pool.clone().sweep(draining.clone()));
     let outbound = Arc::new(Outbound {
         resolver,
         creds: creds.clone(),
@@ -245,6 +249,7 @@ pub async fn run(
         drain: draining.clone(),
         tracer: tracer.clone(),
         picks: Default::default(),
+        pool: pool.clone(),
     });
     let inbound = Arc::new(Inbound {
         creds: creds.clone(),
@@ -260,6 +265,7 @@ pub async fn run(
         tracer,
         policy: policy.clone(),
         workload: token_workload(&config.token_file),
+        app_clients: Arc::new(pool::AppClients::new(config.connect_timeout)),
     });
     let tracker = TaskTracker::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));

@@ -11,16 +11,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use meshlet_identity::{Expected, SpiffeId};
-use rustls::pki_types::ServerName;
+use bytes::BytesMut;
+use meshlet_identity::SpiffeId;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::detect::{self, Protocol};
 use crate::discovery::{Resolution, Resolver};
+use crate::http::Upstream;
 use crate::identity::Creds;
+use crate::io::{Prefixed, sniff};
 use crate::metrics::{ConnEvent, Direction, HandshakeError, Metrics, Refusal, TlsInfo};
-use crate::relay::{Limits, RelayCtx, connect, relay};
+use crate::pool::{DialError, Got, Pool, Route, dial};
+use crate::relay::{Limits, RelayCtx, connect, relay, serve_http};
+
+/// How long a meshed connection waits for the app to speak before it gets a connection of
+/// its own: HTTP clients send their request at once; a client that waits for the server
+/// (SMTP, MySQL) is delayed by this much, once per connection.
+pub const POOL_SNIFF: Duration = Duration::from_millis(50);
 
 /// What to do with one outbound connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +98,8 @@ pub struct Outbound {
     pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
     /// Counts connections, to take a Service's backends in turn.
     pub picks: std::sync::atomic::AtomicUsize,
+    /// Connections to peer sidecars, shared by HTTP requests.
+    pub pool: Arc<Pool>,
 }
 
 impl Outbound {
@@ -131,35 +142,64 @@ impl Outbound {
         }
     }
 
-    async fn mesh(&self, app: TcpStream, dst: SocketAddr, identity: &SpiffeId, creds: &Creds) {
-        let Ok(tcp) = connect(dst, self.connect_timeout).await else {
-            return self
-                .metrics
-                .refuse(Direction::outbound, Refusal::upstream_unreachable);
-        };
-        let connector = tokio_rustls::TlsConnector::from(creds.client.clone());
-        let handshake = connector.connect(ServerName::IpAddress(dst.ip().into()), tcp);
-        let tls = match tokio::time::timeout(self.handshake_timeout, handshake).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                return self.handshake_failed(HandshakeError::of(&e), dst, &e.to_string());
-            }
-            Err(_) => return self.handshake_failed(HandshakeError::timeout, dst, "timed out"),
-        };
-        // The chain was validated in the handshake; now the exact identity discovery expects.
-        let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-        let Some(leaf) = leaf else {
-            return self.handshake_failed(
-                HandshakeError::no_peer_certificate,
-                dst,
-                "no certificate",
-            );
-        };
-        if let Err(e) = Expected::Exact(identity.clone()).check(leaf) {
-            return self.handshake_failed(HandshakeError::wrong_identity, dst, &e.to_string());
+    async fn mesh(
+        &self,
+        mut app: TcpStream,
+        dst: SocketAddr,
+        identity: &SpiffeId,
+        creds: &Arc<Creds>,
+    ) {
+        // An app that speaks HTTP at once gets streams of a pooled connection; anything
+        // else (or a client that waits for the server) gets a connection of its own.
+        let mut first = BytesMut::new();
+        let head_start = POOL_SNIFF.min(self.limits.sniff_timeout);
+        let decided = |b: &[u8]| detect::protocol(b).is_some();
+        if sniff(&mut app, &mut first, head_start, detect::MAX_SNIFF, decided)
+            .await
+            .is_err()
+        {
+            return;
         }
-        let info = TlsInfo::of(tls.get_ref().1, identity.to_string());
-        relay(app, tls, self.ctx(Some(info))).await;
+        let protocol = detect::protocol(&first);
+        let app = Prefixed::new(first, app);
+        if let Some(protocol @ (Protocol::Http1 | Protocol::Http2)) = protocol {
+            return match self.pool.get(dst, identity, creds).await {
+                Ok(Got::Pooled(pooled)) => {
+                    let route = Arc::new(Route {
+                        pool: self.pool.clone(),
+                        dst,
+                        identity: identity.clone(),
+                        creds: self.creds.clone(),
+                    });
+                    let ctx = self.ctx(Some(pooled.info));
+                    serve_http(app, protocol, Upstream::Pooled(route), ctx).await
+                }
+                Ok(Got::Dedicated(tls, info)) => relay(app, tls, self.ctx(Some(info))).await,
+                Err(e) => self.dial_failed(dst, e),
+            };
+        }
+        let config = creds.client.clone();
+        match dial(
+            dst,
+            identity,
+            config,
+            self.connect_timeout,
+            self.handshake_timeout,
+        )
+        .await
+        {
+            Ok((tls, info)) => relay(app, tls, self.ctx(Some(info))).await,
+            Err(e) => self.dial_failed(dst, e),
+        }
+    }
+
+    fn dial_failed(&self, dst: SocketAddr, e: DialError) {
+        match e {
+            DialError::Connect(_) | DialError::Http2(_) => self
+                .metrics
+                .refuse(Direction::outbound, Refusal::upstream_unreachable),
+            DialError::Handshake(reason, detail) => self.handshake_failed(reason, dst, &detail),
+        }
     }
 
     fn handshake_failed(&self, reason: HandshakeError, dst: SocketAddr, detail: &str) {

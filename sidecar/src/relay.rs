@@ -121,11 +121,7 @@ where
     } else {
         Protocol::Opaque
     };
-    record.protocol = match protocol {
-        Protocol::Http1 => "http1",
-        Protocol::Http2 => "http2",
-        Protocol::Opaque => "opaque",
-    };
+    record.protocol = label(protocol);
     let mut down = Counted::new(Prefixed::new(down_buf, down), record.bytes.clone());
     let mut up = Prefixed::new(up_buf, up);
     if protocol == Protocol::Opaque && ctx.authz.as_ref().is_some_and(|a| a.http_only) {
@@ -149,6 +145,32 @@ where
         }
         Protocol::Http1 | Protocol::Http2 => http::proxy(down, up, protocol, &ctx).await,
     }
+    drop(record);
+}
+
+fn label(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Http1 => "http1",
+        Protocol::Http2 => "http2",
+        Protocol::Opaque => "opaque",
+    }
+}
+
+/// Serves an HTTP client whose protocol is already known, sending its requests to
+/// `upstream` (a pooled connection between sidecars, or the app behind one).
+pub async fn serve_http<D>(down: D, protocol: Protocol, upstream: http::Upstream, ctx: RelayCtx)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut record = ConnRecord::new(
+        ctx.metrics.clone(),
+        ctx.events.clone(),
+        ctx.direction,
+        ctx.tls.clone(),
+    );
+    record.protocol = label(protocol);
+    let down = Counted::new(down, record.bytes.clone());
+    http::serve(down, protocol, upstream, &ctx).await;
     drop(record);
 }
 

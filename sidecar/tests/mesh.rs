@@ -302,8 +302,18 @@ async fn without_a_certificate_nothing_is_meshed() {
         1.0,
         "{m}"
     );
-    let (_, certs) = http_get(a.r().admin_addr, "/certs").await;
-    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    // The refused Certify is reported once it has come back.
+    let mut certs = serde_json::Value::Null;
+    eventually(
+        "the Certify error on /certs",
+        Duration::from_secs(10),
+        async || {
+            let (_, body) = http_get(a.r().admin_addr, "/certs").await;
+            certs = serde_json::from_str(&body).unwrap();
+            !certs["last_error"].is_null()
+        },
+    )
+    .await;
     assert!(certs["spiffe_id"].is_null());
     assert!(
         certs["state"].is_null(),

@@ -1,0 +1,413 @@
+//! Connections between sidecars, reused.
+//!
+//! Outbound HTTP to a meshed destination travels as HTTP/2 streams over one mutual-TLS
+//! connection per destination and identity (ALPN `meshlet/h2`), shared by every app
+//! connection: a new app connection costs no handshake. [`Pool::get`] dials at most one
+//! connection per destination at a time, and replaces it when it has closed or when this
+//! sidecar's certificate or trust bundle changed (a pooled connection never outlives the
+//! credentials it was made with). A peer that does not offer the pooled protocol (an older
+//! sidecar) negotiates `meshlet/1`, and its connection serves that one app connection alone.
+//!
+//! Each pooled request carries its original protocol in [`ORIG_PROTO`]; inbound,
+//! [`AppClients`] sends it to the app in that protocol over keep-alive connections.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1 as client1, http2 as client2};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshlet_identity::{Expected, POOLED_ALPN, SpiffeId};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::Creds;
+use crate::metrics::{HandshakeError, TlsInfo};
+use crate::relay::connect;
+
+/// The header that tells the inbound sidecar how the app spoke a pooled request:
+/// `HTTP/1.1` or `HTTP/2`. Set by the outbound sidecar (a client's own value is replaced)
+/// and removed before the request reaches the app.
+pub const ORIG_PROTO: &str = "meshlet-orig-proto";
+
+/// A pooled connection unused this long is closed.
+pub const IDLE: Duration = Duration::from_secs(90);
+
+/// A mutual-TLS connection to a peer sidecar.
+pub type MeshTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Why a connection to a peer sidecar could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("mutual TLS: {1}")]
+    Handshake(HandshakeError, String),
+    #[error("HTTP/2 over mutual TLS: {0}")]
+    Http2(hyper::Error),
+}
+
+/// Connects to `dst` with mutual TLS (`config`), and checks that the peer presents
+/// `identity`: the chain is validated in the handshake, the exact ID here.
+pub async fn dial(
+    dst: SocketAddr,
+    identity: &SpiffeId,
+    config: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
+) -> Result<(MeshTls, TlsInfo), DialError> {
+    let tcp = connect(dst, connect_timeout)
+        .await
+        .map_err(DialError::Connect)?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let handshake = connector.connect(ServerName::IpAddress(dst.ip().into()), tcp);
+    let tls = match tokio::time::timeout(handshake_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(DialError::Handshake(HandshakeError::of(&e), e.to_string())),
+        Err(_) => {
+            return Err(DialError::Handshake(
+                HandshakeError::timeout,
+                "timed out".into(),
+            ));
+        }
+    };
+    let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return Err(DialError::Handshake(
+            HandshakeError::no_peer_certificate,
+            "no certificate".into(),
+        ));
+    };
+    if let Err(e) = Expected::Exact(identity.clone()).check(leaf) {
+        return Err(DialError::Handshake(
+            HandshakeError::wrong_identity,
+            e.to_string(),
+        ));
+    }
+    let info = TlsInfo::of(tls.get_ref().1, identity.to_string());
+    Ok((tls, info))
+}
+
+/// A pooled connection: send requests on clones of `sender`.
+#[derive(Debug, Clone)]
+pub struct Pooled {
+    pub sender: client2::SendRequest<Incoming>,
+    pub info: TlsInfo,
+    creds: Arc<Creds>,
+}
+
+/// What [`Pool::get`] found.
+#[derive(Debug)]
+pub enum Got {
+    Pooled(Pooled),
+    /// The peer does not speak the pooled protocol: a connection for one app connection.
+    Dedicated(Box<MeshTls>, TlsInfo),
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    conn: tokio::sync::Mutex<Option<Pooled>>,
+    /// Milliseconds since the pool's epoch.
+    last_used: AtomicU64,
+}
+
+/// The outbound sidecar's pooled connections.
+#[derive(Debug)]
+pub struct Pool {
+    slots: DashMap<(SocketAddr, SpiffeId), Arc<Slot>>,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
+    epoch: Instant,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration, handshake_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            slots: DashMap::new(),
+            connect_timeout,
+            handshake_timeout,
+            epoch: Instant::now(),
+        })
+    }
+
+    /// The connection to `dst` (which must present `identity`) made with `creds`: the
+    /// pooled one while it is open, else a new one.
+    pub async fn get(
+        &self,
+        dst: SocketAddr,
+        identity: &SpiffeId,
+        creds: &Arc<Creds>,
+    ) -> Result<Got, DialError> {
+        let slot = self
+            .slots
+            .entry((dst, identity.clone()))
+            .or_default()
+            .clone();
+        slot.last_used.store(self.now_ms(), Ordering::Relaxed);
+        // One dial per destination at a time; the others wait for it and share it.
+        let mut conn = slot.conn.lock().await;
+        if let Some(pooled) = conn.as_ref()
+            && Arc::ptr_eq(&pooled.creds, creds)
+            && !pooled.sender.is_closed()
+        {
+            return Ok(Got::Pooled(pooled.clone()));
+        }
+        *conn = None;
+        let (tls, info) = dial(
+            dst,
+            identity,
+            creds.pooled_client.clone(),
+            self.connect_timeout,
+            self.handshake_timeout,
+        )
+        .await?;
+        if tls.get_ref().1.alpn_protocol() != Some(POOLED_ALPN) {
+            return Ok(Got::Dedicated(Box::new(tls), info));
+        }
+        let (sender, driver) = client2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(DialError::Http2)?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(%dst, error = %e, "pooled connection ended");
+            }
+        });
+        let pooled = Pooled {
+            sender,
+            info,
+            creds: creds.clone(),
+        };
+        *conn = Some(pooled.clone());
+        Ok(Got::Pooled(pooled))
+    }
+
+    /// Closes connections unused for [`IDLE`], every few seconds until `stop`.
+    pub async fn sweep(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(IDLE / 6);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let idle_since = self.now_ms().saturating_sub(IDLE.as_millis() as u64);
+            self.slots
+                .retain(|_, slot| slot.last_used.load(Ordering::Relaxed) >= idle_since);
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Why a request could not be sent to the peer or the app.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("no valid certificate: mesh traffic refused")]
+    NoCertificate,
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("the peer sidecar does not speak the pooled protocol")]
+    NotPooled,
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error(transparent)]
+    App(#[from] hyper_util::client::legacy::Error),
+}
+
+/// Where one app connection's requests go: a meshed destination, through the pool.
+#[derive(Debug)]
+pub struct Route {
+    pub pool: Arc<Pool>,
+    pub dst: SocketAddr,
+    pub identity: SpiffeId,
+    pub creds: watch::Receiver<Option<Arc<Creds>>>,
+}
+
+impl Route {
+    /// Sends one request from the app. Upgrades (WebSocket) cannot ride an HTTP/2 stream:
+    /// they get a connection of their own.
+    pub async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
+        let creds = self
+            .creds
+            .borrow()
+            .clone()
+            .filter(|c| c.valid_at(SystemTime::now()))
+            .ok_or(SendError::NoCertificate)?;
+        if req.headers().contains_key(http::header::UPGRADE) {
+            let (tls, _) = dial(
+                self.dst,
+                &self.identity,
+                creds.client.clone(),
+                self.pool.connect_timeout,
+                self.pool.handshake_timeout,
+            )
+            .await?;
+            let (mut sender, conn) = client1::handshake(TokioIo::new(tls)).await?;
+            tokio::spawn(conn.with_upgrades());
+            return Ok(sender.send_request(req).await?);
+        }
+        to_pooled(&mut req, self.dst);
+        // A pooled connection that closed under us: the request was never sent, so it
+        // goes once more, on a new connection.
+        let mut retried = false;
+        loop {
+            let Got::Pooled(pooled) = self.pool.get(self.dst, &self.identity, &creds).await?
+            else {
+                return Err(SendError::NotPooled);
+            };
+            let mut sender = pooled.sender;
+            if let Err(e) = sender.ready().await {
+                match retried {
+                    false => retried = true,
+                    true => return Err(e.into()),
+                }
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !retried => (req, retried) = (unsent, true),
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+    }
+}
+
+/// Rewrites an app's request for a pooled HTTP/2 stream: its protocol in [`ORIG_PROTO`]
+/// (replacing any value the client sent), and an absolute URI (from `Host`, else the
+/// destination), which HTTP/2 needs.
+pub fn to_pooled(req: &mut Request<Incoming>, dst: SocketAddr) {
+    let orig = match req.version() {
+        Version::HTTP_2 => "HTTP/2",
+        _ => "HTTP/1.1",
+    };
+    req.headers_mut()
+        .insert(ORIG_PROTO, HeaderValue::from_static(orig));
+    if req.uri().authority().is_none() {
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .unwrap_or_else(|| authority_of(dst));
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        if let Ok(uri) = Uri::builder()
+            .scheme("http")
+            .authority(host)
+            .path_and_query(path)
+            .build()
+        {
+            *req.uri_mut() = uri;
+        }
+    }
+    *req.version_mut() = Version::HTTP_2;
+}
+
+fn authority_of(addr: SocketAddr) -> http::uri::Authority {
+    addr.to_string()
+        .parse()
+        .expect("a socket address is a valid URI authority")
+}
+
+/// Inbound: keep-alive clients to the app, per app address and protocol.
+#[derive(Debug, Default)]
+pub struct AppClients {
+    clients: DashMap<(SocketAddr, bool), Client<AppConnector, Incoming>>,
+    connect_timeout: Duration,
+}
+
+impl AppClients {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self {
+            clients: DashMap::new(),
+            connect_timeout,
+        }
+    }
+
+    /// Sends a request that arrived on a pooled connection to the app at `app`, in the
+    /// protocol [`ORIG_PROTO`] names (HTTP/1.1 when absent).
+    pub async fn send(
+        &self,
+        app: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let h2 = req
+            .headers_mut()
+            .remove(ORIG_PROTO)
+            .is_some_and(|v| v.as_bytes() == b"HTTP/2");
+        *req.version_mut() = if h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        if req.uri().authority().is_none() {
+            let path = req.uri().path_and_query().cloned();
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(authority_of(app));
+            parts.path_and_query = path.or(Some(http::uri::PathAndQuery::from_static("/")));
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+        let client = self
+            .clients
+            .entry((app, h2))
+            .or_insert_with(|| {
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(IDLE)
+                    .http2_only(h2)
+                    .build(AppConnector {
+                        app,
+                        timeout: self.connect_timeout,
+                    })
+            })
+            .clone();
+        Ok(client.request(req).await?)
+    }
+}
+
+/// Connects to the app's address whatever the request's host: the URI keeps the
+/// client's authority, the socket goes to the app.
+#[derive(Debug, Clone)]
+pub struct AppConnector {
+    app: SocketAddr,
+    timeout: Duration,
+}
+
+impl tower::Service<Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (app, timeout) = (self.app, self.timeout);
+        Box::pin(async move { Ok(TokioIo::new(connect(app, timeout).await?)) })
+    }
+}
