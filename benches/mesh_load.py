@@ -206,6 +206,9 @@ def start_meshlet(procs, tmp, bins, backend):
     grpc, admin, s_in, s_out, s_adm, c_in, c_out, c_adm, route = free_ports(9)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")}
     env["MESHLET_LOG"] = "warn"
+    # No collector here: as in a cluster without one, tracing is off (the injector does the
+    # same); the peers do not trace either.
+    env["OTEL_SDK_DISABLED"] = "true"
     ctl = procs.start("meshlet-control", [str(bins / "meshlet-control"), "serve", "--data-dir", str(d / "data"),
                                           "--grpc-addr", f"127.0.0.1:{grpc}", "--admin-addr", f"127.0.0.1:{admin}"],
                       SERVER_CPU, env)
@@ -230,7 +233,7 @@ def start_meshlet(procs, tmp, bins, backend):
     cli = sidecar("client", c_in, c_out, c_adm, ["--route", f"127.0.0.1:{route}=127.0.0.1:{s_in}@{SERVER_ID}"])
     wait_until("meshlet route", lambda: backend_answers(route))
     setup = Setup("meshlet", route, [("client sidecar", cli.pid), ("server sidecar", srv.pid)],
-                  "TLS 1.3, X25519MLKEM768, one upstream connection per client connection")
+                  "TLS 1.3, X25519MLKEM768, HTTP pooled over HTTP/2 between the sidecars")
     setup.admin = {"client sidecar": c_adm, "server sidecar": s_adm}
     return setup
 

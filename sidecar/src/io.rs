@@ -74,6 +74,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 /// matter, the peer stops sending (EOF), `limit` bytes were read, or `time_box` passes. A
 /// peer that waits for the other side to speak first simply runs into the time box.
 ///
+/// Returns whether the peer has closed its side (EOF).
+///
 /// Cancel-safe: bytes already read are in `buf`, none are lost.
 pub async fn sniff<S: AsyncRead + Unpin>(
     stream: &mut S,
@@ -81,7 +83,7 @@ pub async fn sniff<S: AsyncRead + Unpin>(
     time_box: Duration,
     limit: usize,
     enough: impl Fn(&[u8]) -> bool,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let deadline = tokio::time::Instant::now() + time_box;
     while !enough(buf) && buf.len() < limit {
         let want = (limit - buf.len()).min(4096);
@@ -89,12 +91,12 @@ pub async fn sniff<S: AsyncRead + Unpin>(
         let mut chunk = (&mut *stream).take(want as u64);
         match tokio::time::timeout_at(deadline, chunk.read_buf(buf)).await {
             Err(_elapsed) => break,
-            Ok(Ok(0)) => break,
+            Ok(Ok(0)) => return Ok(true),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// A stream that counts the bytes read from and written to it.
@@ -179,5 +181,12 @@ mod tests {
         .await
         .expect("no error");
         assert!(buf.is_empty());
+        drop(_a);
+        let closed = sniff(&mut b, &mut buf, Duration::from_millis(300), 1024, |buf| {
+            !buf.is_empty()
+        })
+        .await
+        .expect("no error");
+        assert!(closed, "EOF is told apart from silence");
     }
 }

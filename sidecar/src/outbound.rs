@@ -154,11 +154,11 @@ impl Outbound {
         let mut first = BytesMut::new();
         let head_start = POOL_SNIFF.min(self.limits.sniff_timeout);
         let decided = |b: &[u8]| detect::protocol(b).is_some();
-        if sniff(&mut app, &mut first, head_start, detect::MAX_SNIFF, decided)
-            .await
-            .is_err()
-        {
-            return;
+        match sniff(&mut app, &mut first, head_start, detect::MAX_SNIFF, decided).await {
+            // The app left without a word: no connection to make.
+            Ok(true) if first.is_empty() => return,
+            Ok(_) => {}
+            Err(_) => return,
         }
         let protocol = detect::protocol(&first);
         let app = Prefixed::new(first, app);

@@ -111,7 +111,7 @@ where
         tokio::select! {
             sniffed = sniff(&mut down, &mut down_buf, ctx.limits.sniff_timeout, detect::MAX_SNIFF, |b| detect::protocol(b).is_some()) => {
                 match sniffed {
-                    Ok(()) => detect::protocol(&down_buf).unwrap_or(Protocol::Opaque),
+                    Ok(_) => detect::protocol(&down_buf).unwrap_or(Protocol::Opaque),
                     Err(_) => return,
                 }
             }
