@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -209,13 +209,7 @@ async fn h2_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .uri(format!("http://app{path}"))
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    answer(sender.send_request(req)).await
 }
 
 /// A client sidecar whose route 0 leads to `orders` (an HTTP app behind its sidecar).

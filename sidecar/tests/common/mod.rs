@@ -371,6 +371,19 @@ impl HttpClient {
     }
 }
 
+/// Waits (at most 10 s) for the response `sent` and reads it whole: (status, body).
+pub async fn answer(
+    sent: impl std::future::Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>>,
+) -> (u16, String) {
+    let resp = tokio::time::timeout(Duration::from_secs(10), sent)
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
 /// The value of the first metric line starting with `prefix` (0 when absent).
 pub fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
