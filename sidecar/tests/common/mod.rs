@@ -180,6 +180,11 @@ pub struct Sidecar {
 impl Sidecar {
     pub async fn start(config: Config) -> Self {
         let listeners = Listeners::bind(&config).await.unwrap();
+        Self::start_on(config, listeners).await
+    }
+
+    /// Starts on listeners the test bound itself (to know their addresses beforehand).
+    pub async fn start_on(config: Config, listeners: Listeners) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
         let running = meshlet_proxy::run(config, listeners, async move {
             let _ = stopped.await;
