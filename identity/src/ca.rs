@@ -232,8 +232,9 @@ impl Ca {
 }
 
 /// The X509-SVID leaf: one URI SAN (critical, as the subject is empty), CA:false, key usage
-/// digitalSignature only (critical), EKU serverAuth and clientAuth.
-fn svid_params(
+/// digitalSignature only (critical), EKU serverAuth and clientAuth. Public so that tests can
+/// forge leaves that differ from a real one in a single rule.
+pub fn svid_params(
     id: &SpiffeId,
     ttl: Duration,
     now: OffsetDateTime,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use meshlet_identity::cert::SvidError;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -48,9 +49,11 @@ pub enum Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum HandshakeError {
-    /// The peer's certificate did not chain to the trust bundle, or had expired.
+    /// The peer's certificate did not chain to the trust bundle, had expired or was not
+    /// yet valid, or broke a rule of chain validation (such as a CA certificate as leaf).
     untrusted_certificate,
-    /// The peer's SPIFFE ID was not the one expected.
+    /// The peer's leaf chained, but is not an X509-SVID carrying the expected SPIFFE ID
+    /// (wrong ID or trust domain, not exactly one SPIFFE URI SAN, allowed to sign).
     wrong_identity,
     /// The peer presented no certificate.
     no_peer_certificate,
@@ -70,7 +73,11 @@ impl HandshakeError {
             return Self::protocol;
         };
         match tls {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_)) => {
+            // Only our SPIFFE check reports an SvidError; rustls wraps other webpki errors
+            // (a CA as end entity, a path length violated) as `Other` too.
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))
+                if other.0.downcast_ref::<SvidError>().is_some() =>
+            {
                 Self::wrong_identity
             }
             rustls::Error::InvalidCertificate(_) => Self::untrusted_certificate,

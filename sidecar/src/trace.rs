@@ -59,9 +59,40 @@ pub fn extract(headers: &HeaderMap) -> Context {
     }
 }
 
-/// Writes `cx`'s span as `traceparent` (and `tracestate`) into `headers`.
+/// Writes `cx`'s span as `traceparent` (and `tracestate`) into `headers`. B3 headers the
+/// request came with are rewritten to name the same span, so that an app reading B3 never
+/// takes the client's span (or a forged one) as its parent.
 pub fn inject(cx: &Context, headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(cx, &mut HeadersMut(headers));
+    rewrite_b3(cx, headers);
+}
+
+/// The multi-header B3 names, all rewritten or removed together.
+const B3_MULTI: [&str; 5] = [
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+fn rewrite_b3(cx: &Context, headers: &mut HeaderMap) {
+    let span = cx.span();
+    let sc = span.span_context();
+    let (trace, id) = (sc.trace_id().to_string(), sc.span_id().to_string());
+    let sampled = if sc.is_sampled() { "1" } else { "0" };
+    let mut out = HeadersMut(headers);
+    if out.0.contains_key("b3") {
+        out.set("b3", format!("{trace}-{id}-{sampled}"));
+    }
+    if B3_MULTI.iter().any(|k| out.0.contains_key(*k)) {
+        for k in B3_MULTI {
+            out.0.remove(k);
+        }
+        out.set("x-b3-traceid", trace);
+        out.set("x-b3-spanid", id);
+        out.set("x-b3-sampled", sampled.to_owned());
+    }
 }
 
 /// Reads B3: the single `b3` header (`trace-span[-sampled[-parent]]`) or the
@@ -316,6 +347,56 @@ mod tests {
                 }
                 None => assert!(!sc.is_valid(), "{name}"),
             }
+        }
+    }
+
+    #[test]
+    fn b3_headers_are_rewritten_to_the_injected_span() {
+        let sc = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("valid"),
+            SpanId::from_hex("47effca911f1512d").expect("valid"),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let cx = Context::new().with_remote_span_context(sc);
+        let forged = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1";
+        let cases = [
+            ("b3 single", headers(&[("b3", forged)])),
+            (
+                "b3 multi",
+                headers(&[
+                    ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+                    ("x-b3-spanid", "e457b5a2e4d86bd1"),
+                    ("x-b3-parentspanid", "05e3ac9a4f6e3b90"),
+                    ("x-b3-flags", "1"),
+                ]),
+            ),
+            ("none", headers(&[])),
+        ];
+        for (name, mut h) in cases {
+            let had_single = h.contains_key("b3");
+            let had_multi = h.contains_key("x-b3-traceid");
+            inject(&cx, &mut h);
+            let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
+            assert_eq!(
+                get("traceparent"),
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-47effca911f1512d-01"),
+                "{name}"
+            );
+            let single =
+                had_single.then_some("4bf92f3577b34da6a3ce929d0e0e4736-47effca911f1512d-1");
+            assert_eq!(get("b3"), single, "{name}");
+            let multi = |v| had_multi.then_some(v);
+            assert_eq!(
+                get("x-b3-traceid"),
+                multi("4bf92f3577b34da6a3ce929d0e0e4736"),
+                "{name}"
+            );
+            assert_eq!(get("x-b3-spanid"), multi("47effca911f1512d"), "{name}");
+            assert_eq!(get("x-b3-sampled"), multi("1"), "{name}");
+            assert_eq!(get("x-b3-parentspanid"), None, "{name}");
+            assert_eq!(get("x-b3-flags"), None, "{name}");
         }
     }
 

@@ -122,23 +122,6 @@ async fn smuggling_shapes_never_reach_the_app_unchecked() {
     cp.stop().await;
 }
 
-/// The first flight of a real TLS 1.3 client offering the mesh ALPN (a ClientHello).
-fn mesh_client_hello() -> Vec<u8> {
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    config.alpn_protocols = vec![meshlet_identity::MESH_ALPN.to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("mesh.invalid").unwrap();
-    let mut client = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let mut hello = Vec::new();
-    client.write_tls(&mut hello).unwrap();
-    hello
-}
-
 #[tokio::test]
 async fn tls_garbage_and_stalled_handshakes_are_closed() {
     let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;

@@ -180,6 +180,11 @@ pub struct Sidecar {
 impl Sidecar {
     pub async fn start(config: Config) -> Self {
         let listeners = Listeners::bind(&config).await.unwrap();
+        Self::start_on(config, listeners).await
+    }
+
+    /// Starts on listeners the test bound itself (to know their addresses beforehand).
+    pub async fn start_on(config: Config, listeners: Listeners) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
         let running = meshlet_proxy::run(config, listeners, async move {
             let _ = stopped.await;
@@ -371,6 +376,19 @@ impl HttpClient {
     }
 }
 
+/// Waits (at most 10 s) for the response `sent` and reads it whole: (status, body).
+pub async fn answer(
+    sent: impl std::future::Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>>,
+) -> (u16, String) {
+    let resp = tokio::time::timeout(Duration::from_secs(10), sent)
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
 /// The value of the first metric line starting with `prefix` (0 when absent).
 pub fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
@@ -389,4 +407,21 @@ pub async fn eventually(what: &str, within: Duration, mut cond: impl AsyncFnMut(
         assert!(Instant::now() < deadline, "not within {within:?}: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The first flight of a real TLS 1.3 client offering the mesh ALPN (a ClientHello).
+pub fn mesh_client_hello() -> Vec<u8> {
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    config.alpn_protocols = vec![meshlet_identity::MESH_ALPN.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("mesh.invalid").unwrap();
+    let mut client = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    hello
 }
