@@ -19,10 +19,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
 
 use crate::detect::Protocol;
-use crate::metrics::{DirectionLabels, RequestLabels};
+use crate::metrics::{Direction, DirectionLabels, RequestLabels};
 use crate::pool;
 use crate::relay::RelayCtx;
 use crate::trace;
+
+/// The header Envoy-based meshes use to name the caller: removed inbound, never passed on.
+const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
 
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -160,6 +163,11 @@ async fn forward(
     ctx: &RelayCtx,
 ) -> Response<Body> {
     let started = Instant::now();
+    if ctx.direction == Direction::inbound {
+        // Envoy-based meshes tell the app its caller in this header; here the app must not
+        // believe one a client wrote.
+        req.headers_mut().remove(FORWARDED_CLIENT_CERT);
+    }
     let peer = ctx.tls.as_ref().map(|t| t.peer.as_str());
     let span = ctx
         .tracer

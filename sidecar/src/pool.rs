@@ -266,8 +266,7 @@ impl Route {
         // goes once more, on a new connection.
         let mut retried = false;
         loop {
-            let Got::Pooled(pooled) = self.pool.get(self.dst, &self.identity, &creds).await?
-            else {
+            let Got::Pooled(pooled) = self.pool.get(self.dst, &self.identity, &creds).await? else {
                 return Err(SendError::NotPooled);
             };
             let mut sender = pooled.sender;

@@ -64,6 +64,9 @@ pub fn extract(headers: &HeaderMap) -> Context {
 /// takes the client's span (or a forged one) as its parent.
 pub fn inject(cx: &Context, headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(cx, &mut HeadersMut(headers));
+    if headers.get("tracestate").is_some_and(|v| v.is_empty()) {
+        headers.remove("tracestate");
+    }
     rewrite_b3(cx, headers);
 }
 

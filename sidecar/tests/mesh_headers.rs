@@ -182,6 +182,18 @@ async fn trace_headers_from_a_client_are_rewritten_and_identity_headers_grant_no
             "the mesh added {name}:\n{seen}"
         );
     }
+    // A forged client certificate header, the one Envoy-based meshes set, never reaches the
+    // app: an app written for those meshes would believe it.
+    let (status, seen) = get_with(to, "/public/e", &claims[..1]).await;
+    assert_eq!(status, 200);
+    assert!(
+        values(&seen, "x-forwarded-client-cert").is_empty(),
+        "a forged x-forwarded-client-cert reached the app:\n{seen}"
+    );
+    assert!(
+        values(&seen, "tracestate").iter().all(|v| !v.is_empty()),
+        "no empty tracestate:\n{seen}"
+    );
     client.stop().await;
     web.stop().await;
     cp.stop().await;
