@@ -1,7 +1,7 @@
 //! Hostile input on the data path: HTTP/1 request-smuggling shapes sent by an app through its
 //! sidecar never reach a peer's app as a request the policy did not allow, malformed framing
-//! gets a 400, and TLS garbage or a stalled handshake at the inbound port is closed without
-//! disturbing the connections that follow.
+//! gets a 400, and TLS garbage, a ClientHello with another ALPN or none, or a stalled
+//! handshake at the inbound port is closed without disturbing the connections that follow.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
@@ -143,8 +143,10 @@ async fn tls_garbage_and_stalled_handshakes_are_closed() {
     for b in corrupt.iter_mut().skip(200).take(40) {
         *b ^= 0x5a;
     }
-    let cases: [(&str, Vec<u8>); 5] = [
+    let cases: [(&str, Vec<u8>); 7] = [
         ("a ClientHello, then silence", hello.clone()),
+        ("a ClientHello offering only h2", client_hello(&[b"h2"])),
+        ("a ClientHello offering no ALPN", client_hello(&[])),
         (
             "a ClientHello, then a record longer than TLS allows",
             with(&oversized),
@@ -193,7 +195,15 @@ async fn tls_garbage_and_stalled_handshakes_are_closed() {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert!(failures >= 5.0, "each bad connection is counted:\n{m}");
+    assert!(failures >= 7.0, "each bad connection is counted:\n{m}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_connections_refused_total{direction="inbound",reason="plaintext_in_strict_mode"}"#
+        ),
+        3.0,
+        "other TLS (two ALPN cases and the cut record) is not meshlet's:\n{m}"
+    );
     client.stop().await;
     server.stop().await;
     cp.stop().await;

@@ -411,6 +411,11 @@ pub async fn eventually(what: &str, within: Duration, mut cond: impl AsyncFnMut(
 
 /// The first flight of a real TLS 1.3 client offering the mesh ALPN (a ClientHello).
 pub fn mesh_client_hello() -> Vec<u8> {
+    client_hello(&[meshlet_identity::MESH_ALPN])
+}
+
+/// The first flight of a real TLS 1.3 client offering `alpn` (a ClientHello).
+pub fn client_hello(alpn: &[&[u8]]) -> Vec<u8> {
     let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -418,7 +423,7 @@ pub fn mesh_client_hello() -> Vec<u8> {
     .unwrap()
     .with_root_certificates(rustls::RootCertStore::empty())
     .with_no_client_auth();
-    config.alpn_protocols = vec![meshlet_identity::MESH_ALPN.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let name = rustls::pki_types::ServerName::try_from("mesh.invalid").unwrap();
     let mut client = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
     let mut hello = Vec::new();
