@@ -27,7 +27,8 @@ fn demo_runs_the_mesh_on_loopback() {
     assert!(ok, "{out}");
     for line in [
         "[ok] frontend verified orders as spiffe://cluster.local/ns/demo/sa/orders",
-        "[ok] orders and ledger verified the client as spiffe://cluster.local/ns/demo/sa/frontend",
+        "[ok] ledger verified the client as spiffe://cluster.local/ns/demo/sa/frontend",
+        "[ok] orders took the 3 HTTP requests over mutual TLS",
         "[ok] every hop between sidecars was TLS 1.3",
         "[ok] a plaintext client talking straight to the orders sidecar gets nothing (strict mode)",
         "all checks passed",

@@ -1,4 +1,4 @@
-//! Hostile input on the data path: HTTP/1 request-smuggling shapes sent by an app through its
+//! Hostile input on the data path: HTTP/1 request-smuggling shapes (bare LF among them) sent by an app through its
 //! sidecar never reach a peer's app as a request the policy did not allow, malformed framing
 //! gets a 400, and TLS garbage, a ClientHello with another ALPN or none, or a stalled
 //! handshake at the inbound port is closed without disturbing the connections that follow.
@@ -61,7 +61,12 @@ async fn smuggling_shapes_never_reach_the_app_unchecked() {
     assert_eq!(http_get(to, "/public/menu").await.0, 200);
 
     // (name, raw bytes, what the first answer must be)
-    let cases: [(&str, &[u8], &str); 6] = [
+    let cases: [(&str, &[u8], &str); 7] = [
+        (
+            "bare LF line ends: parsed as two requests, the second checked",
+            b"GET /public/a HTTP/1.1\nHost: a\n\nGET /admin HTTP/1.1\nHost: a\n\n",
+            "HTTP/1.1 200",
+        ),
         (
             "CL.TE: chunked wins, and the connection closes after the answer (RFC 9112 6.1)",
             b"GET /public/a HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n",

@@ -330,3 +330,69 @@ async fn a_restarted_control_plane_never_turns_mesh_traffic_into_plaintext() {
     b.stop().await;
     cp.stop().await;
 }
+
+/// A control plane that accepts connections and never answers (overloaded, or a network
+/// that black-holes replies): the sidecar starts, stays alive and not ready, refuses mesh
+/// traffic, and once a real control plane answers it gets its certificate by itself; its
+/// stuck calls time out rather than hang.
+#[tokio::test]
+async fn a_control_plane_that_never_answers_is_waited_out() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let grpc = cp.addr();
+    let mut config = sidecar_config(&cp, cp.token_file("demo", "client"));
+    config.routes = vec![route(
+        echo_app().await,
+        Some("spiffe://cluster.local/ns/demo/sa/server"),
+    )];
+    cp.stop().await;
+    // The black hole: accepts, holds every connection, never writes a byte.
+    let hole = tokio::net::TcpListener::bind(grpc).await.unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let accepting = {
+        let held = held.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = hole.accept().await {
+                held.lock().unwrap().push(tcp);
+            }
+        })
+    };
+    let mut a = Sidecar::start(config).await;
+    eventually(
+        "the sidecar to call the black hole",
+        Duration::from_secs(10),
+        async || !held.lock().unwrap().is_empty(),
+    )
+    .await;
+    assert_eq!(http_get(a.r().admin_addr, "/live").await.0, 200);
+    assert_eq!(http_get(a.r().admin_addr, "/ready").await.0, 503);
+    let refused = echo_round_trip(a.route(0), b"no certificate yet").await;
+    assert!(refused.map(|b| b.is_empty()).unwrap_or(true));
+    let m = a.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_connections_refused_total{direction="outbound",reason="no_certificate"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+
+    // A real control plane takes the address; the black hole's connections stay open.
+    accepting.abort();
+    let _ = accepting.await;
+    cp.restart().await;
+    let started = std::time::Instant::now();
+    eventually(
+        "ready once a control plane answers",
+        Duration::from_secs(25),
+        async || http_get(a.r().admin_addr, "/ready").await.0 == 200,
+    )
+    .await;
+    eprintln!(
+        "ready {:?} after the control plane came back",
+        started.elapsed()
+    );
+    drop(held);
+    a.stop().await;
+    cp.stop().await;
+}
