@@ -186,14 +186,16 @@ async fn stream(
         .as_ref()
         .and_then(|a| a.address.parse::<SocketAddr>().ok());
     let mut backends: Vec<Watched> = vec![];
+    let mut is_service = false;
     let mut services_open = true;
     loop {
         if let Some(key) = service_key {
-            let now: Vec<SocketAddr> = services
+            let listed: Option<Vec<SocketAddr>> = services
                 .borrow_and_update()
                 .as_ref()
-                .and_then(|m| m.get(&key).cloned())
-                .unwrap_or_default();
+                .and_then(|m| m.get(&key).cloned());
+            is_service = listed.is_some();
+            let now = listed.unwrap_or_default();
             let same = now.len() == backends.len()
                 && now
                     .iter()
@@ -222,6 +224,7 @@ async fn stream(
             endpoint: asked.as_mut().map(Watched::endpoint),
             policy: policy_json,
             backends: backends.iter_mut().map(Watched::endpoint).collect(),
+            service: is_service,
         };
         if tx.send(Ok(message)).await.is_err() {
             return;

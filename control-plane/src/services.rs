@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use kube::api::{Api, ListParams};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +37,8 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Builds the map from the cluster's Services and EndpointSlices. Headless and
 /// ExternalName Services have no ClusterIP (their names resolve to pod IPs, which discovery
 /// knows already); UDP and SCTP ports are not proxied; endpoints marked not ready are left
-/// out (a missing `ready` means ready, as the API says).
+/// out (a missing `ready` means ready, as the API says) unless none is ready, when those
+/// terminating but still serving stand in, as kube-proxy does.
 pub fn index(services: &[Service], slices: &[EndpointSlice]) -> ServiceMap {
     let mut map = ServiceMap::new();
     for service in services {
@@ -83,11 +84,26 @@ pub fn index(services: &[Service], slices: &[EndpointSlice]) -> ServiceMap {
     map
 }
 
-/// The ready addresses of `slices` (of the ClusterIP's family) on the port named `port_name`.
+/// The ready addresses of `slices` (of the ClusterIP's family) on the port named `port_name`;
+/// when none is ready, those terminating but still serving, as kube-proxy falls back to.
 fn backends(
     slices: &[&EndpointSlice],
     port_name: Option<&str>,
     cluster_ip: &IpAddr,
+) -> Vec<SocketAddr> {
+    let ready = addresses(slices, port_name, cluster_ip, |c| c.ready != Some(false));
+    if !ready.is_empty() {
+        return ready;
+    }
+    addresses(slices, port_name, cluster_ip, |c| c.serving == Some(true))
+}
+
+/// The addresses of `slices` on the port named `port_name` whose conditions pass `keep`.
+fn addresses(
+    slices: &[&EndpointSlice],
+    port_name: Option<&str>,
+    cluster_ip: &IpAddr,
+    keep: impl Fn(&EndpointConditions) -> bool,
 ) -> Vec<SocketAddr> {
     let family = if cluster_ip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut out = BTreeSet::new();
@@ -103,8 +119,7 @@ fn backends(
             continue;
         };
         for endpoint in &slice.endpoints {
-            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false);
-            if !ready {
+            if !keep(&endpoint.conditions.clone().unwrap_or_default()) {
                 continue;
             }
             for ip in &endpoint.addresses {
@@ -186,6 +201,8 @@ mod tests {
                 "spec": {"type": "ExternalName", "externalName": "example.com"}})),
             service(json!({"metadata": {"name": "empty", "namespace": "shop"},
                 "spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}})),
+            service(json!({"metadata": {"name": "rollout", "namespace": "shop"},
+                "spec": {"clusterIP": "10.96.0.13", "ports": [{"port": 80}]}})),
         ];
         let slices = vec![
             slice(json!({"metadata": {"name": "web-abc", "namespace": "shop",
@@ -218,6 +235,15 @@ mod tests {
                 "addressType": "IPv4",
                 "ports": [{"port": 5432}],
                 "endpoints": [{"addresses": ["10.244.5.5"]}]})),
+            slice(
+                json!({"metadata": {"name": "rollout-1", "namespace": "shop",
+                                      "labels": {"kubernetes.io/service-name": "rollout"}},
+                "addressType": "IPv4",
+                "ports": [{"port": 80}],
+                "endpoints": [
+                    {"addresses": ["10.244.6.6"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                    {"addresses": ["10.244.6.7"], "conditions": {"ready": false, "serving": false}}]}),
+            ),
         ];
         let map = index(&services, &slices);
         let cases: Vec<(&str, &str, Vec<SocketAddr>)> = vec![
@@ -242,6 +268,11 @@ mod tests {
                 addrs(&["10.244.5.5:5432"]),
             ),
             ("a Service with no backends", "10.96.0.12:80", vec![]),
+            (
+                "none ready: the terminating one still serving stands in",
+                "10.96.0.13:80",
+                addrs(&["10.244.6.6:80"]),
+            ),
         ];
         for (what, key, want) in cases {
             let key: SocketAddr = key.parse().expect("valid");
@@ -249,7 +280,7 @@ mod tests {
         }
         assert_eq!(
             map.len(),
-            6,
+            7,
             "UDP, headless and ExternalName are absent: {map:?}"
         );
     }

@@ -38,7 +38,7 @@ pub enum Resolution {
     /// No answer (yet): the control plane is unreachable or slow.
     Unknown,
     /// A Kubernetes Service's ClusterIP:port: connect to one of these backends directly
-    /// (empty: the Service has no ready backend).
+    /// (empty: the Service has no backend to take the connection).
     Service(Arc<[Backend]>),
 }
 
@@ -233,11 +233,12 @@ impl Resolver {
                 &me.stop,
                 idle,
                 |msg| {
-                    let answer = match (&msg.endpoint, msg.backends.is_empty()) {
-                        (Some(_), false) => Resolution::Service(
+                    let service = msg.service || !msg.backends.is_empty();
+                    let answer = match (&msg.endpoint, service) {
+                        (Some(_), true) => Resolution::Service(
                             backends.guard(&msg.backends, epoch.elapsed()).into(),
                         ),
-                        (Some(e), true) => Resolution::of_endpoint(e),
+                        (Some(e), false) => Resolution::of_endpoint(e),
                         (None, _) => Resolution::Unknown,
                     };
                     tx.send_if_modified(|current| {

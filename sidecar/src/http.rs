@@ -42,7 +42,7 @@ pub enum Upstream {
     /// Outbound to a meshed destination: streams of a pooled connection.
     Pooled(Arc<pool::Route>),
     /// Inbound on a pooled connection: the app at this address, in each request's protocol.
-    App(Arc<pool::AppClients>, std::net::SocketAddr),
+    App(Arc<crate::app_clients::AppClients>, std::net::SocketAddr),
 }
 
 impl Upstream {
@@ -104,7 +104,8 @@ where
                 .max_header_list_size(
                     u32::try_from(ctx.limits.max_header_bytes).unwrap_or(u32::MAX),
                 )
-                .adaptive_window(true)
+                .initial_stream_window_size(pool::STREAM_WINDOW)
+                .initial_connection_window_size(pool::CONNECTION_WINDOW)
                 .serve_connection(io, service);
             tokio::pin!(conn);
             tokio::select! {

@@ -17,13 +17,14 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::app_clients::AppClients;
 use crate::detect::Protocol;
 use crate::detect::{self, Hello};
 use crate::http::Upstream;
 use crate::identity::Creds;
 use crate::io::{Prefixed, sniff};
 use crate::metrics::{ConnEvent, Direction, HandshakeError, Metrics, Refusal, TlsInfo};
-use crate::pool::AppClients;
+use crate::pool::peer_not_after;
 use crate::relay::{
     InboundAuthz, Limits, PolicyRx, RelayCtx, connect, no_policy_yet, relay, serve_http,
 };
@@ -99,17 +100,21 @@ pub fn decide(
     }
 }
 
-/// How long until the client certificate of `conn` expires (zero when unknown).
-fn peer_expiry(conn: &rustls::ServerConnection) -> Duration {
-    let not_after = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|leaf| meshlet_identity::cert::summarize(leaf).ok())
-        .map(|s| s.not_after);
-    not_after
-        .map(|t| t - time::OffsetDateTime::now_utc())
-        .and_then(|d| Duration::try_from(d).ok())
-        .unwrap_or_default()
+/// Cancels `drain` at `until`, or when the credentials change (a renewal or a new trust
+/// bundle), whichever comes first; returns early once `drain` is cancelled by others.
+async fn close_pooled(
+    drain: CancellationToken,
+    until: SystemTime,
+    mut creds: watch::Receiver<Option<Arc<Creds>>>,
+) {
+    creds.borrow_and_update();
+    let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::select! {
+        _ = drain.cancelled() => return,
+        _ = tokio::time::sleep(left) => tracing::debug!("a certificate of a pooled connection expired"),
+        _ = creds.changed() => tracing::debug!("new credentials: pooled connection wound down"),
+    }
+    drain.cancel();
 }
 
 /// The inbound side of the sidecar.
@@ -215,14 +220,16 @@ impl Inbound {
         if tls.get_ref().1.alpn_protocol() == Some(POOLED_ALPN) {
             // Many app connections' requests as HTTP/2 streams: each to the app in the
             // protocol it was sent in, each checked against the policy. A pooled connection
-            // lives long: it is closed when the client's certificate expires.
-            let expires = peer_expiry(tls.get_ref().1);
+            // lives long: it is wound down (GOAWAY) when either certificate expires or our
+            // credentials or trust bundle change, and the client dials again.
+            let until = peer_not_after(tls.get_ref().1).min(creds.not_after);
+            let drain = self.drain.child_token();
+            tokio::spawn(close_pooled(drain.clone(), until, self.creds.clone()));
+            let mut ctx = self.ctx(Some(info), authz);
+            ctx.drain = drain.clone();
             let upstream = Upstream::App(self.app_clients.clone(), app);
-            let ctx = self.ctx(Some(info), authz);
-            let served = serve_http(tls, Protocol::Http2, upstream, ctx);
-            if tokio::time::timeout(expires, served).await.is_err() {
-                tracing::info!(%peer, "pooled connection closed: the client's certificate expired");
-            }
+            serve_http(tls, Protocol::Http2, upstream, ctx).await;
+            drain.cancel();
             return;
         }
         let Ok(upstream) = connect(app, self.connect_timeout).await else {

@@ -8,13 +8,15 @@
 //! - [`discovery`]: per-destination watches: meshed or not, and with which identity.
 //! - [`outbound`], [`inbound`]: one `decide` (pure, table-tested) and one `handle` each.
 //! - [`relay`]: protocol detection, then [`http`] (hyper, per request) or opaque TCP copy.
-//! - [`pool`]: HTTP/2 connections between sidecars shared by many app connections.
+//! - [`pool`]: HTTP/2 connections between sidecars shared by many app connections;
+//!   [`app_clients`]: inbound, their requests to the app in each one's own protocol.
 //! - [`detect`]: ClientHello/ALPN and HTTP detection on first bytes; [`io`]: replay, sniff.
 //! - [`init`]: the iptables capture rules (`meshlet-proxy init`); [`orig_dst`]: SO_ORIGINAL_DST.
 //! - [`admin`]: `/ready`, `/live`, `/certs`, `/metrics`; [`metrics`]: closed label sets.
 //! - [`trace`]: CLIENT/SERVER spans per request, `traceparent`/B3 propagation.
 
 pub mod admin;
+pub mod app_clients;
 pub mod config;
 pub mod detect;
 pub mod discovery;
@@ -265,7 +267,7 @@ pub async fn run(
         tracer,
         policy: policy.clone(),
         workload: token_workload(&config.token_file),
-        app_clients: Arc::new(pool::AppClients::new(config.connect_timeout)),
+        app_clients: Arc::new(app_clients::AppClients::new(config.connect_timeout)),
     });
     let tracker = TaskTracker::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));

@@ -68,8 +68,11 @@ pub fn decide(
         },
         Resolution::NotMeshed => Plan::Passthrough(dst),
         Resolution::Unknown => Plan::Refuse(Refusal::discovery_unavailable),
-        // No ready backend: kube-proxy answers as it would without the mesh.
-        Resolution::Service(backends) if backends.is_empty() => Plan::Passthrough(dst),
+        // No backend: kube-proxy would refuse it too, and plaintext to the ClusterIP could
+        // reach a meshed pod that discovery has not listed yet.
+        Resolution::Service(backends) if backends.is_empty() => {
+            Plan::Refuse(Refusal::upstream_unreachable)
+        }
         Resolution::Service(backends) => {
             let known: Vec<_> = backends
                 .iter()
@@ -163,7 +166,9 @@ impl Outbound {
         let protocol = detect::protocol(&first);
         let app = Prefixed::new(first, app);
         if let Some(protocol @ (Protocol::Http1 | Protocol::Http2)) = protocol {
-            return match self.pool.get(dst, identity, creds).await {
+            // The credentials of now, as every later request on this connection will use.
+            let creds = self.creds.borrow().clone().unwrap_or_else(|| creds.clone());
+            return match self.pool.get(dst, identity, &creds).await {
                 Ok(Got::Pooled(pooled)) => {
                     let route = Arc::new(Route {
                         pool: self.pool.clone(),
@@ -195,7 +200,7 @@ impl Outbound {
 
     fn dial_failed(&self, dst: SocketAddr, e: DialError) {
         match e {
-            DialError::Connect(_) | DialError::Http2(_) => self
+            DialError::Connect(_) | DialError::Http2(_) | DialError::Shared => self
                 .metrics
                 .refuse(Direction::outbound, Refusal::upstream_unreachable),
             DialError::Handshake(reason, detail) => self.handshake_failed(reason, dst, &detail),
@@ -303,12 +308,12 @@ mod tests {
                 Plan::Refuse(Refusal::discovery_unavailable),
             ),
             (
-                "a Service with no ready backend: to the ClusterIP, as without a mesh",
+                "a Service with no backend: refused, never plaintext to the ClusterIP",
                 vip,
                 Resolution::Service(vec![].into()),
                 true,
                 0,
-                Plan::Passthrough(vip),
+                Plan::Refuse(Refusal::upstream_unreachable),
             ),
             (
                 "meshed, have a certificate",

@@ -8,22 +8,22 @@
 //! credentials it was made with). A peer that does not offer the pooled protocol (an older
 //! sidecar) negotiates `meshlet/1`, and its connection serves that one app connection alone.
 //!
+//! A pooled connection is also left when the peer's certificate expires; a dial that fails
+//! fails every request that waited for it (one timeout, not one each); a peer found not to
+//! speak the pooled protocol is remembered for [`OLD_PEER`], and dialled without waiting.
+//!
 //! Each pooled request carries its original protocol in [`ORIG_PROTO`]; inbound,
-//! [`AppClients`] sends it to the app in that protocol over keep-alive connections.
+//! [`crate::app_clients`] sends it to the app in that protocol.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1 as client1, http2 as client2};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshlet_identity::{Expected, POOLED_ALPN, SpiffeId};
 use rustls::pki_types::ServerName;
@@ -43,6 +43,14 @@ pub const ORIG_PROTO: &str = "meshlet-orig-proto";
 /// A pooled connection unused this long is closed.
 pub const IDLE: Duration = Duration::from_secs(90);
 
+/// How long a peer that negotiated `meshlet/1` is dialled without trying the pool.
+pub const OLD_PEER: Duration = Duration::from_secs(60);
+
+/// HTTP/2 flow control on pooled connections: one slow stream can hold at most its own
+/// window, a sixteenth of the connection's, so it never stalls the others.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * STREAM_WINDOW;
+
 /// A mutual-TLS connection to a peer sidecar.
 pub type MeshTls = tokio_rustls::client::TlsStream<TcpStream>;
 
@@ -55,6 +63,8 @@ pub enum DialError {
     Handshake(HandshakeError, String),
     #[error("HTTP/2 over mutual TLS: {0}")]
     Http2(hyper::Error),
+    #[error("the connection this request waited for could not be made")]
+    Shared,
 }
 
 /// Connects to `dst` with mutual TLS (`config`), and checks that the peer presents
@@ -103,6 +113,25 @@ pub struct Pooled {
     pub sender: client2::SendRequest<Incoming>,
     pub info: TlsInfo,
     creds: Arc<Creds>,
+    /// When the peer's certificate expires: the connection is not used after.
+    peer_not_after: SystemTime,
+}
+
+impl Pooled {
+    /// Whether a request made with `creds` may ride this connection now.
+    fn usable(&self, creds: &Arc<Creds>) -> bool {
+        Arc::ptr_eq(&self.creds, creds)
+            && !self.sender.is_closed()
+            && SystemTime::now() < self.peer_not_after
+    }
+}
+
+/// When the peer certificate of `conn` expires (the epoch, i.e. already, when unknown).
+pub fn peer_not_after(conn: &rustls::CommonState) -> SystemTime {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| meshlet_identity::cert::summarize(leaf).ok())
+        .map_or(SystemTime::UNIX_EPOCH, |s| s.not_after.into())
 }
 
 /// What [`Pool::get`] found.
@@ -115,9 +144,18 @@ pub enum Got {
 
 #[derive(Debug, Default)]
 struct Slot {
-    conn: tokio::sync::Mutex<Option<Pooled>>,
+    state: tokio::sync::Mutex<SlotState>,
     /// Milliseconds since the pool's epoch.
     last_used: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    pooled: Option<Pooled>,
+    /// When the last dial failed: requests that waited for that dial fail with it.
+    failed_at: Option<Instant>,
+    /// Until when the peer is known not to speak the pooled protocol.
+    old_peer_until: Option<Instant>,
 }
 
 /// The outbound sidecar's pooled connections.
@@ -153,15 +191,50 @@ impl Pool {
             .or_default()
             .clone();
         slot.last_used.store(self.now_ms(), Ordering::Relaxed);
-        // One dial per destination at a time; the others wait for it and share it.
-        let mut conn = slot.conn.lock().await;
-        if let Some(pooled) = conn.as_ref()
-            && Arc::ptr_eq(&pooled.creds, creds)
-            && !pooled.sender.is_closed()
-        {
+        let arrived = Instant::now();
+        // One dial per destination at a time; the others wait for it and share its outcome.
+        let mut state = slot.state.lock().await;
+        if let Some(pooled) = state.pooled.as_ref().filter(|p| p.usable(creds)) {
             return Ok(Got::Pooled(pooled.clone()));
         }
-        *conn = None;
+        if state.failed_at.is_some_and(|t| t >= arrived) {
+            return Err(DialError::Shared);
+        }
+        if state.old_peer_until.is_some_and(|t| t > Instant::now()) {
+            drop(state);
+            let config = creds.client.clone();
+            let (tls, info) = Box::pin(dial(
+                dst,
+                identity,
+                config,
+                self.connect_timeout,
+                self.handshake_timeout,
+            ))
+            .await?;
+            return Ok(Got::Dedicated(Box::new(tls), info));
+        }
+        state.pooled = None;
+        let connected = Box::pin(self.connect(dst, identity, creds)).await;
+        state.failed_at = connected.is_err().then(Instant::now);
+        match connected? {
+            Got::Pooled(pooled) => {
+                state.pooled = Some(pooled.clone());
+                Ok(Got::Pooled(pooled))
+            }
+            dedicated => {
+                state.old_peer_until = Some(Instant::now() + OLD_PEER);
+                Ok(dedicated)
+            }
+        }
+    }
+
+    /// Dials `dst` offering the pooled protocol; HTTP/2 on top when the peer takes it.
+    async fn connect(
+        &self,
+        dst: SocketAddr,
+        identity: &SpiffeId,
+        creds: &Arc<Creds>,
+    ) -> Result<Got, DialError> {
         let (tls, info) = dial(
             dst,
             identity,
@@ -173,11 +246,14 @@ impl Pool {
         if tls.get_ref().1.alpn_protocol() != Some(POOLED_ALPN) {
             return Ok(Got::Dedicated(Box::new(tls), info));
         }
+        let peer_not_after = peer_not_after(tls.get_ref().1);
         let (sender, driver) = client2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .adaptive_window(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(DialError::Http2)?;
@@ -186,13 +262,12 @@ impl Pool {
                 tracing::debug!(%dst, error = %e, "pooled connection ended");
             }
         });
-        let pooled = Pooled {
+        Ok(Got::Pooled(Pooled {
             sender,
             info,
             creds: creds.clone(),
-        };
-        *conn = Some(pooled.clone());
-        Ok(Got::Pooled(pooled))
+            peer_not_after,
+        }))
     }
 
     /// Closes connections unused for [`IDLE`], every few seconds until `stop`.
@@ -227,6 +302,8 @@ pub enum SendError {
     Http(#[from] hyper::Error),
     #[error(transparent)]
     App(#[from] hyper_util::client::legacy::Error),
+    #[error("connecting to the app: {0}")]
+    AppConnect(std::io::Error),
 }
 
 /// Where one app connection's requests go: a meshed destination, through the pool.
@@ -249,13 +326,13 @@ impl Route {
             .filter(|c| c.valid_at(SystemTime::now()))
             .ok_or(SendError::NoCertificate)?;
         if req.headers().contains_key(http::header::UPGRADE) {
-            let (tls, _) = dial(
+            let (tls, _) = Box::pin(dial(
                 self.dst,
                 &self.identity,
                 creds.client.clone(),
                 self.pool.connect_timeout,
                 self.pool.handshake_timeout,
-            )
+            ))
             .await?;
             let (mut sender, conn) = client1::handshake(TokioIo::new(tls)).await?;
             tokio::spawn(conn.with_upgrades());
@@ -322,91 +399,8 @@ pub fn to_pooled(req: &mut Request<Incoming>, dst: SocketAddr) {
     *req.version_mut() = Version::HTTP_2;
 }
 
-fn authority_of(addr: SocketAddr) -> http::uri::Authority {
+pub(crate) fn authority_of(addr: SocketAddr) -> http::uri::Authority {
     addr.to_string()
         .parse()
         .expect("a socket address is a valid URI authority")
-}
-
-/// Inbound: keep-alive clients to the app, per app address and protocol.
-#[derive(Debug, Default)]
-pub struct AppClients {
-    clients: DashMap<(SocketAddr, bool), Client<AppConnector, Incoming>>,
-    connect_timeout: Duration,
-}
-
-impl AppClients {
-    pub fn new(connect_timeout: Duration) -> Self {
-        Self {
-            clients: DashMap::new(),
-            connect_timeout,
-        }
-    }
-
-    /// Sends a request that arrived on a pooled connection to the app at `app`, in the
-    /// protocol [`ORIG_PROTO`] names (HTTP/1.1 when absent).
-    pub async fn send(
-        &self,
-        app: SocketAddr,
-        mut req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let h2 = req
-            .headers_mut()
-            .remove(ORIG_PROTO)
-            .is_some_and(|v| v.as_bytes() == b"HTTP/2");
-        *req.version_mut() = if h2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
-        if req.uri().authority().is_none() {
-            let path = req.uri().path_and_query().cloned();
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = Some(authority_of(app));
-            parts.path_and_query = path.or(Some(http::uri::PathAndQuery::from_static("/")));
-            if let Ok(uri) = Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
-            }
-        }
-        let client = self
-            .clients
-            .entry((app, h2))
-            .or_insert_with(|| {
-                Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .pool_idle_timeout(IDLE)
-                    .http2_only(h2)
-                    .build(AppConnector {
-                        app,
-                        timeout: self.connect_timeout,
-                    })
-            })
-            .clone();
-        Ok(client.request(req).await?)
-    }
-}
-
-/// Connects to the app's address whatever the request's host: the URI keeps the
-/// client's authority, the socket goes to the app.
-#[derive(Debug, Clone)]
-pub struct AppConnector {
-    app: SocketAddr,
-    timeout: Duration,
-}
-
-impl tower::Service<Uri> for AppConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let (app, timeout) = (self.app, self.timeout);
-        Box::pin(async move { Ok(TokioIo::new(connect(app, timeout).await?)) })
-    }
 }

@@ -411,8 +411,9 @@ async fn a_service_address_is_balanced_over_its_backends_each_with_its_own_ident
         backends.push(Sidecar::start_ready(config).await);
     }
     let plain = http_app("three").await;
-    // The Service's address: nothing listens there, so passing through to it fails.
-    let vip: std::net::SocketAddr = "127.0.0.77:9".parse().unwrap();
+    // The Service's address: an echo server stands in for kube-proxy, so a connection
+    // passed through to it in plaintext would be answered, by the wrong party.
+    let vip = echo_app_on("127.0.0.77").await;
     let services = cp.running.as_ref().unwrap().services.as_ref().unwrap();
     let publish = |list: Vec<std::net::SocketAddr>| {
         services.send_replace(Some(std::sync::Arc::new(
@@ -470,6 +471,20 @@ async fn a_service_address_is_balanced_over_its_backends_each_with_its_own_ident
             "one GET /hello"
         );
     }
+    // No backend left: refused, never sent in plaintext to the Service's address.
+    publish(vec![]);
+    let unreachable =
+        r#"meshlet_connections_refused_total{direction="outbound",reason="upstream_unreachable"}"#;
+    eventually(
+        "a Service without backends to be refused",
+        Duration::from_secs(5),
+        async || {
+            let answer = echo_round_trip(client.route(0), b"GET / HTTP/1.0\r\n\r\n").await;
+            answer.map(|b| b.is_empty()).unwrap_or(true)
+                && metric(&client.metrics().await, unreachable) >= 1.0
+        },
+    )
+    .await;
     client.stop().await;
     for mut b in backends {
         b.stop().await;

@@ -163,6 +163,8 @@ async fn an_upgrade_gets_a_connection_of_its_own() {
         .unwrap();
     assert_eq!(&echoed, b"ping over the tunnel");
     drop(tcp);
+    // The pooled connection (dialled when the app spoke HTTP) and the upgrade's own.
+    assert_eq!(metric(&b.metrics().await, INBOUND_TLS), 2.0);
     a.stop().await;
     b.stop().await;
     cp.stop().await;
@@ -170,8 +172,10 @@ async fn an_upgrade_gets_a_connection_of_its_own() {
 
 #[tokio::test]
 async fn a_renewed_certificate_gets_a_new_pooled_connection() {
-    // Certificates of 4 s are renewed about every 2 s.
-    let mut cp = ControlPlane::start(Duration::from_secs(4)).await;
+    // Certificates of 16 s are renewed after about 8 s: a second pooled connection before
+    // 14 s comes from the renewal, not from an expiry.
+    let mut cp = ControlPlane::start(Duration::from_secs(16)).await;
+    let started = std::time::Instant::now();
     let (mut a, mut b) = pair(&cp, mirror_app().await).await;
     for _ in 0..3 {
         assert_eq!(http_get(a.route(0), "/").await.0, 200);
@@ -179,7 +183,7 @@ async fn a_renewed_certificate_gets_a_new_pooled_connection() {
     assert_eq!(metric(&b.metrics().await, INBOUND_TLS), 1.0);
     eventually(
         "a second pooled connection after a renewal",
-        Duration::from_secs(15),
+        Duration::from_secs(14).saturating_sub(started.elapsed()),
         async || {
             assert_eq!(http_get(a.route(0), "/").await.0, 200);
             metric(&b.metrics().await, INBOUND_TLS) >= 2.0
@@ -212,5 +216,62 @@ async fn a_restarted_peer_is_dialled_again() {
     assert_eq!(metric(&b.metrics().await, INBOUND_TLS), 1.0);
     a.stop().await;
     b.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn requests_waiting_for_a_failed_dial_fail_with_it() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    // A peer that accepts and never answers the handshake.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = hole.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = vec![];
+        while let Ok((tcp, _)) = hole.accept().await {
+            held.push(tcp);
+        }
+    });
+    let mut config = sidecar_config(&cp, cp.token_file("demo", "client"));
+    config.routes = vec![route(
+        peer,
+        Some("spiffe://cluster.local/ns/demo/sa/server"),
+    )];
+    config.handshake_timeout = Duration::from_secs(1);
+    let mut a = Sidecar::start_ready(config).await;
+    let route = a.route(0);
+    let waiting: Vec<_> = (0..10)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut tcp = tokio::net::TcpStream::connect(route).await.unwrap();
+                tcp.write_all(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut answer = Vec::new();
+                tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+                    .await
+                    .expect("closed, not left hanging")
+                    .ok();
+                answer
+            })
+        })
+        .collect();
+    for w in waiting {
+        assert!(w.await.unwrap().is_empty(), "nothing answered");
+    }
+    let m = a.metrics().await;
+    let timeouts = metric(
+        &m,
+        r#"meshlet_tls_handshake_errors_total{direction="outbound",reason="timeout"}"#,
+    );
+    assert_eq!(timeouts, 1.0, "one dial, shared by all ten: {m}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshlet_connections_refused_total{direction="outbound",reason="upstream_unreachable"}"#
+        ),
+        9.0,
+        "{m}"
+    );
+    a.stop().await;
     cp.stop().await;
 }

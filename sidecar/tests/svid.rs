@@ -343,3 +343,55 @@ async fn an_outbound_sidecar_refuses_server_certificates_that_break_the_svid_rul
     client.stop().await;
     cp.stop().await;
 }
+
+/// A peer sidecar of an earlier version (it offers only `meshlet/1`): HTTP still reaches it,
+/// over a connection per app connection instead of a pooled one.
+#[tokio::test]
+async fn an_older_peer_without_the_pooled_protocol_still_gets_http() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let forge = Forge::load(&cp);
+    let (chain, key) = forge.svid(SERVER_ID, Flaw::Nothing);
+    let td = TrustDomain::parse("cluster.local").unwrap();
+    let clients = Some((roots(&cp), Expected::TrustDomain(td)));
+    let config = tls::server_config(chain, key, clients, &[MESH_ALPN]).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = handshakes.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"old peer"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let mut client = sidecar_config(&cp, cp.token_file("demo", "client"));
+    client.routes = vec![route(peer, Some(SERVER_ID))];
+    let mut client = Sidecar::start_ready(client).await;
+    for _ in 0..3 {
+        assert_eq!(
+            http_get(client.route(0), "/").await,
+            (200, "old peer".into())
+        );
+    }
+    assert_eq!(
+        handshakes.load(std::sync::atomic::Ordering::Relaxed),
+        3,
+        "one connection per app connection"
+    );
+    client.stop().await;
+    cp.stop().await;
+}

@@ -279,7 +279,12 @@ pub async fn http_app(name: &'static str) -> SocketAddr {
 
 /// A TCP app that echoes everything until the client half-closes, then closes.
 pub async fn echo_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_app_on("127.0.0.1").await
+}
+
+/// [`echo_app`] on another loopback address, such as `127.0.0.77`.
+pub async fn echo_app_on(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
