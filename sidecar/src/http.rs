@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
 
 use crate::detect::Protocol;
-use crate::metrics::{Direction, DirectionLabels, RequestLabels};
+use crate::metrics::{Direction, DirectionLabels, HttpError, HttpErrorLabels, RequestLabels};
 use crate::pool;
 use crate::relay::RelayCtx;
 use crate::trace;
@@ -135,6 +135,31 @@ where
     };
     if let Err(e) = served {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
+        if let Some(kind) = client_error(&e) {
+            let direction = ctx.direction;
+            ctx.metrics
+                .http_errors
+                .get_or_create(&HttpErrorLabels { direction, kind })
+                .inc();
+        }
+    }
+}
+
+/// What a served connection's error says about its client, if it is the client's doing
+/// (a client that merely went away is not counted).
+fn client_error(e: &hyper::Error) -> Option<HttpError> {
+    if e.is_parse() {
+        return Some(HttpError::malformed);
+    }
+    if e.is_timeout() {
+        return Some(HttpError::header_timeout);
+    }
+    let h2 = std::error::Error::source(e)?.downcast_ref::<h2::Error>()?;
+    match h2.reason()? {
+        _ if !h2.is_go_away() || h2.is_remote() => None,
+        h2::Reason::ENHANCE_YOUR_CALM => Some(HttpError::flood),
+        h2::Reason::NO_ERROR => None,
+        _ => Some(HttpError::protocol),
     }
 }
 

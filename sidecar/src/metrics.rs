@@ -111,6 +111,27 @@ pub struct HandshakeLabels {
     pub reason: HandshakeError,
 }
 
+/// Why the sidecar ended an HTTP connection because of what its client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum HttpError {
+    /// An HTTP/1 request that does not parse, or whose head is too large (400, 431).
+    malformed,
+    /// HTTP/2 abuse: floods of resets, CONTINUATION or empty frames, header bombs
+    /// (GOAWAY ENHANCE_YOUR_CALM).
+    flood,
+    /// Another HTTP/2 protocol error (GOAWAY).
+    protocol,
+    /// The request headers did not arrive in time.
+    header_timeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HttpErrorLabels {
+    pub direction: Direction,
+    pub kind: HttpError,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub direction: Direction,
@@ -157,6 +178,7 @@ pub struct Metrics {
     pub bytes: Family<DirectionLabels, Counter>,
     pub handshake_errors: Family<HandshakeLabels, Counter>,
     pub refused: Family<RefusalLabels, Counter>,
+    pub http_errors: Family<HttpErrorLabels, Counter>,
     pub cert_expiry: Gauge,
     pub rotations: Family<RotationLabels, Counter>,
     pub traces: meshlet_telemetry::traces::TraceCounters,
@@ -172,6 +194,7 @@ impl Default for Metrics {
             bytes: Family::default(),
             handshake_errors: Family::default(),
             refused: Family::default(),
+            http_errors: Family::default(),
             cert_expiry: Gauge::default(),
             rotations: Family::default(),
             traces: Default::default(),
@@ -207,6 +230,11 @@ impl Metrics {
             "connections_refused",
             "Connections refused before reaching their destination",
             self.refused.clone(),
+        );
+        r.register(
+            "http_connection_errors",
+            "HTTP connections ended because of what the client sent",
+            self.http_errors.clone(),
         );
         r.register(
             "identity_cert_expiry_timestamp_seconds",

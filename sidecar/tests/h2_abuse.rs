@@ -247,6 +247,17 @@ impl Mesh {
             .sum()
     }
 
+    /// The client sidecar counted a connection it ended for abuse (`kind="flood"`).
+    async fn counted_flood(&self) {
+        let name = r#"meshlet_http_connection_errors_total{direction="outbound",kind="flood"}"#;
+        eventually(
+            "the flood to be counted",
+            Duration::from_secs(5),
+            async || metric(&self.client.metrics().await, name) >= 1.0,
+        )
+        .await;
+    }
+
     /// Good clients of both HTTP versions are served.
     async fn still_serves(&self, after: &str) {
         let want = (200, "orders GET /good".to_owned());
@@ -290,6 +301,7 @@ async fn rapid_reset_is_ended_with_goaway() {
     assert!(sent < 1_000, "50,000 reset streams were all taken");
     assert_eq!(answered, before, "reset streams reached the app");
     assert_eq!(raw.goaway(), Some(ENHANCE_YOUR_CALM), "{seen}");
+    mesh.counted_flood().await;
     mesh.still_serves("rapid reset").await;
     mesh.stop().await;
 }
@@ -309,6 +321,7 @@ async fn a_continuation_flood_is_ended() {
     println!("continuation flood: {sent} frames, then {seen}");
     assert!(sent < 100_000, "every CONTINUATION frame was taken");
     assert_eq!(raw.goaway(), Some(ENHANCE_YOUR_CALM), "{seen}");
+    mesh.counted_flood().await;
     assert_eq!(mesh.answered().await, before, "the request reached the app");
     mesh.still_serves("a CONTINUATION flood").await;
     mesh.stop().await;
@@ -335,6 +348,7 @@ async fn an_hpack_bomb_is_refused() {
         "the bomb got an answer: {seen}"
     );
     assert_eq!(raw.goaway(), Some(ENHANCE_YOUR_CALM), "{seen}");
+    mesh.counted_flood().await;
     assert_eq!(mesh.answered().await, before, "the request reached the app");
     mesh.still_serves("an HPACK bomb").await;
     mesh.stop().await;
@@ -393,6 +407,7 @@ async fn an_empty_data_flood_is_ended() {
         started.elapsed()
     );
     assert_eq!(raw.goaway(), Some(ENHANCE_YOUR_CALM), "{seen}");
+    mesh.counted_flood().await;
     mesh.still_serves("an empty DATA flood").await;
     mesh.stop().await;
 }

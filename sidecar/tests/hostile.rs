@@ -117,10 +117,16 @@ async fn smuggling_shapes_never_reach_the_app_unchecked() {
             );
         }
     }
-    // The sidecars still serve.
+    // The sidecars still serve, and counted the requests they could not parse.
     assert_eq!(
         http_get(to, "/public/menu").await,
         (200, "orders GET /public/menu".into())
+    );
+    let malformed =
+        r#"meshlet_http_connection_errors_total{direction="outbound",kind="malformed"}"#;
+    assert!(
+        metric(&client.metrics().await, malformed) >= 4.0,
+        "the four 400s are counted"
     );
     client.stop().await;
     orders.stop().await;

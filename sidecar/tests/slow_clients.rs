@@ -169,6 +169,9 @@ async fn dribbled_request_headers_are_closed_at_the_header_read_timeout() {
         "the app answered: {answer}"
     );
     assert_eq!(http_get(to, "/fast").await, (200, "web GET /fast".into()));
+    let timeouts =
+        r#"meshlet_http_connection_errors_total{direction="outbound",kind="header_timeout"}"#;
+    assert_eq!(metric(&client.metrics().await, timeouts), 1.0);
     client.stop().await;
     web.stop().await;
     cp.stop().await;
