@@ -6,7 +6,7 @@ sidecar pair (mutual TLS) and through peer proxies (stunnel, HAProxy L4 and L7),
 
 Needs nginx and wrk (Debian: nginx wrk); stunnel4 and haproxy are optional peers. The
 fixed-rate latency test uses its own open-loop client (fixed_rate_client). Needs
-target/release/meshlet-control, meshlet-proxy and meshletctl (`cargo build --release`).
+target/dist/meshlet-control, meshlet-proxy and meshletctl (`cargo build --profile dist`, as the image).
 Every process it starts is stopped at the end, also on error, Ctrl-C or SIGTERM. See
 benches/README.md for what each figure means and how it is measured.
 """
@@ -666,7 +666,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 round, short runs: a smoke test (< 60 s)")
     ap.add_argument("--json", default=str(ROOT / "target" / "mesh-load.json"))
-    ap.add_argument("--bin-dir", default=str(ROOT / "target" / "release"))
+    ap.add_argument("--bin-dir", default=str(ROOT / "target" / "dist"))
     ap.add_argument("--wait-quiet", type=int, default=1200, metavar="SECONDS",
                     help="before each round wait up to this long for no cargo/rustc, and repeat a round one "
                          "ran in (0: never wait; --quick: 0)")
@@ -681,7 +681,7 @@ def main():
             sys.exit(f"{tool} not found: apt-get install -y --no-install-recommends nginx wrk openssl util-linux")
     for b in ("meshlet-control", "meshlet-proxy", "meshletctl"):
         if not (bins / b).is_file():
-            sys.exit(f"{bins / b} not found: run `cargo build --release` first")
+            sys.exit(f"{bins / b} not found: run `cargo build --profile dist` first (or pass --bin-dir)")
     pin = (os.cpu_count() or 1) >= 2
     if pin:
         os.sched_setaffinity(0, {int(LOADGEN_CPU)})  # keep this script off the proxies' core
