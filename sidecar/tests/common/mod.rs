@@ -2,6 +2,8 @@
 //! apps, all on loopback with port 0. Each piece stops when its handle says so.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod child;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
