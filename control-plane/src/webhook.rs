@@ -68,16 +68,9 @@ pub async fn serve(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, _)) = meshlet_telemetry::process::accept(&listener, &stop, "webhook").await
+        else {
+            return;
         };
         let (acceptor, cfg) = (acceptor.clone(), cfg.clone());
         tokio::spawn(async move {

@@ -314,14 +314,12 @@ async fn token_review_pod_ownership_and_bundle_configmaps() {
     drop(watch);
 
     // The trust bundle ConfigMap reaches both labelled namespaces.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while applied.lock().unwrap().len() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no ConfigMap applied"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(
+        "a ConfigMap in both namespaces",
+        Duration::from_secs(10),
+        async || applied.lock().unwrap().len() >= 2,
+    )
+    .await;
     let applied = applied.lock().unwrap().clone();
     for (ns, (path, body)) in ["shop", "prod"].iter().zip(&applied) {
         assert!(
@@ -342,19 +340,17 @@ async fn token_review_pod_ownership_and_bundle_configmaps() {
     }
 
     // The policy resources become the policy in force; a malformed one closes its workload.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let policy = loop {
-        let (_, body) = common::http_get(running.admin_addr, "/v1/policy").await;
-        let v: Value = serde_json::from_str(&body).unwrap();
-        if v["default"] == "deny" {
-            break v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the policy resources were not read: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let mut policy = Value::Null;
+    common::eventually(
+        "the policy resources to be read",
+        Duration::from_secs(10),
+        async || {
+            let (_, body) = common::http_get(running.admin_addr, "/v1/policy").await;
+            policy = serde_json::from_str(&body).unwrap();
+            policy["default"] == "deny"
+        },
+    )
+    .await;
     assert_eq!(policy["namespaces"]["shop"], "strict");
     // The malformed policy closes its workload (no rule) instead of being dropped.
     assert_eq!(policy["policies"].as_array().unwrap().len(), 2, "{policy}");

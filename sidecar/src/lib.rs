@@ -404,29 +404,19 @@ where
     F: Fn(TcpStream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    loop {
-        tokio::select! {
-            _ = a.stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((conn, _)) => {
-                    let Ok(slot) = a.slots.clone().try_acquire_owned() else {
-                        a.metrics.refuse(a.direction, Refusal::connection_limit);
-                        continue;
-                    };
-                    let _ = conn.set_nodelay(true);
-                    let work = handle(conn);
-                    a.tracker.spawn(async move {
-                        work.await;
-                        drop(slot);
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: existing connections go on.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-        }
+    while let Some((conn, _)) =
+        meshlet_telemetry::process::accept(&listener, &a.stop, "proxy").await
+    {
+        let Ok(slot) = a.slots.clone().try_acquire_owned() else {
+            a.metrics.refuse(a.direction, Refusal::connection_limit);
+            continue;
+        };
+        let _ = conn.set_nodelay(true);
+        let work = handle(conn);
+        a.tracker.spawn(async move {
+            work.await;
+            drop(slot);
+        });
     }
 }
 

@@ -170,13 +170,14 @@ impl Outbound {
             let creds = self.creds.borrow().clone().unwrap_or_else(|| creds.clone());
             return match self.pool.get(dst, identity, &creds).await {
                 Ok(Got::Pooled(pooled)) => {
-                    let route = Arc::new(Route {
-                        pool: self.pool.clone(),
+                    let ctx = self.ctx(Some(pooled.info.clone()));
+                    let route = Arc::new(Route::new(
+                        self.pool.clone(),
                         dst,
-                        identity: identity.clone(),
-                        creds: self.creds.clone(),
-                    });
-                    let ctx = self.ctx(Some(pooled.info));
+                        identity.clone(),
+                        self.creds.clone(),
+                        pooled,
+                    ));
                     serve_http(app, protocol, Upstream::Pooled(route), ctx).await
                 }
                 Ok(Got::Dedicated(tls, info)) => relay(app, tls, self.ctx(Some(info))).await,

@@ -115,6 +115,8 @@ pub struct Pooled {
     creds: Arc<Creds>,
     /// When the peer's certificate expires: the connection is not used after.
     peer_not_after: SystemTime,
+    /// Its slot's last use, for [`Pool::sweep`].
+    last_used: Arc<AtomicU64>,
 }
 
 impl Pooled {
@@ -145,8 +147,8 @@ pub enum Got {
 #[derive(Debug, Default)]
 struct Slot {
     state: tokio::sync::Mutex<SlotState>,
-    /// Milliseconds since the pool's epoch.
-    last_used: AtomicU64,
+    /// Milliseconds since the pool's epoch; the connection's routes keep it current.
+    last_used: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -214,7 +216,7 @@ impl Pool {
             return Ok(Got::Dedicated(Box::new(tls), info));
         }
         state.pooled = None;
-        let connected = Box::pin(self.connect(dst, identity, creds)).await;
+        let connected = Box::pin(self.connect(dst, identity, creds, &slot.last_used)).await;
         state.failed_at = connected.is_err().then(Instant::now);
         match connected? {
             Got::Pooled(pooled) => {
@@ -234,6 +236,7 @@ impl Pool {
         dst: SocketAddr,
         identity: &SpiffeId,
         creds: &Arc<Creds>,
+        last_used: &Arc<AtomicU64>,
     ) -> Result<Got, DialError> {
         let (tls, info) = dial(
             dst,
@@ -267,6 +270,7 @@ impl Pool {
             info,
             creds: creds.clone(),
             peer_not_after,
+            last_used: last_used.clone(),
         }))
     }
 
@@ -306,16 +310,59 @@ pub enum SendError {
     AppConnect(std::io::Error),
 }
 
-/// Where one app connection's requests go: a meshed destination, through the pool.
+/// Where one app connection's requests go: a meshed destination, through the pool. The
+/// connection in use is kept here, so a request goes to the pool only when it is no longer
+/// usable.
 #[derive(Debug)]
 pub struct Route {
-    pub pool: Arc<Pool>,
-    pub dst: SocketAddr,
-    pub identity: SpiffeId,
-    pub creds: watch::Receiver<Option<Arc<Creds>>>,
+    pool: Arc<Pool>,
+    dst: SocketAddr,
+    identity: SpiffeId,
+    creds: watch::Receiver<Option<Arc<Creds>>>,
+    current: std::sync::Mutex<Option<Pooled>>,
 }
 
 impl Route {
+    pub fn new(
+        pool: Arc<Pool>,
+        dst: SocketAddr,
+        identity: SpiffeId,
+        creds: watch::Receiver<Option<Arc<Creds>>>,
+        current: Pooled,
+    ) -> Self {
+        Self {
+            pool,
+            dst,
+            identity,
+            creds,
+            current: std::sync::Mutex::new(Some(current)),
+        }
+    }
+
+    /// A sender on the connection in use, else on the pool's (dialled if need be).
+    async fn sender(
+        &self,
+        creds: &Arc<Creds>,
+    ) -> Result<client2::SendRequest<Incoming>, SendError> {
+        let now = self.pool.now_ms();
+        let cached = self.current.lock().ok().and_then(|current| {
+            let pooled = current.as_ref().filter(|p| p.usable(creds))?;
+            pooled.last_used.store(now, Ordering::Relaxed);
+            Some(pooled.sender.clone())
+        });
+        if let Some(sender) = cached {
+            return Ok(sender);
+        }
+        let Got::Pooled(pooled) = self.pool.get(self.dst, &self.identity, creds).await? else {
+            return Err(SendError::NotPooled);
+        };
+        let sender = pooled.sender.clone();
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some(pooled);
+        }
+        Ok(sender)
+    }
+
     /// Sends one request from the app. Upgrades (WebSocket) cannot ride an HTTP/2 stream:
     /// they get a connection of their own.
     pub async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
@@ -343,10 +390,7 @@ impl Route {
         // goes once more, on a new connection.
         let mut retried = false;
         loop {
-            let Got::Pooled(pooled) = self.pool.get(self.dst, &self.identity, &creds).await? else {
-                return Err(SendError::NotPooled);
-            };
-            let mut sender = pooled.sender;
+            let mut sender = self.sender(&creds).await?;
             if let Err(e) = sender.ready().await {
                 match retried {
                     false => retried = true,

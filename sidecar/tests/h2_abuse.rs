@@ -13,10 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -197,21 +194,6 @@ impl RawH2 {
     }
 }
 
-/// GETs `path` over a fresh prior-knowledge HTTP/2 connection: (status, body).
-async fn h2_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .uri(format!("http://app{path}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    answer(sender.send_request(req)).await
-}
-
 /// A client sidecar whose route 0 leads to `orders` (an HTTP app behind its sidecar).
 struct Mesh {
     cp: ControlPlane,
@@ -261,7 +243,11 @@ impl Mesh {
     /// Good clients of both HTTP versions are served.
     async fn still_serves(&self, after: &str) {
         let want = (200, "orders GET /good".to_owned());
-        assert_eq!(h2_get(self.to(), "/good").await, want, "h2 after {after}");
+        assert_eq!(
+            h2_get(self.to(), "http://app/good").await,
+            want,
+            "h2 after {after}"
+        );
         assert_eq!(http_get(self.to(), "/good").await, want, "h1 after {after}");
     }
 

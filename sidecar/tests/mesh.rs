@@ -12,23 +12,6 @@ use bytes::Bytes;
 use common::*;
 use meshlet_proxy::inbound::InboundMode;
 
-/// Client sidecar A (demo/client) routes to server sidecar B (demo/server) in front of `app`.
-async fn pair(
-    cp: &ControlPlane,
-    app: std::net::SocketAddr,
-    b_mode: InboundMode,
-    route_identity: Option<&str>,
-) -> (Sidecar, Sidecar) {
-    let mut b = sidecar_config(cp, cp.token_file("demo", "server"));
-    b.app_addr = Some(app);
-    b.inbound_mode = b_mode;
-    let b = Sidecar::start_ready(b).await;
-    let mut a = sidecar_config(cp, cp.token_file("demo", "client"));
-    a.routes = vec![route(b.r().inbound_addr, route_identity)];
-    let a = Sidecar::start_ready(a).await;
-    (a, b)
-}
-
 #[tokio::test]
 async fn http_crosses_the_mesh_with_mutual_tls_and_keep_alive() {
     let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;

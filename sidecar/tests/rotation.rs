@@ -20,14 +20,7 @@ async fn rotations(s: &Sidecar) -> u64 {
 async fn three_rotations_under_load_lose_no_request() {
     // 3 s certificates: each sidecar renews about every 1.5 s.
     let mut cp = ControlPlane::start(Duration::from_secs(3)).await;
-    let app = http_app("web").await;
-    let mut b = sidecar_config(&cp, cp.token_file("demo", "server"));
-    b.app_addr = Some(app);
-    b.inbound_mode = InboundMode::Strict;
-    let mut b = Sidecar::start_ready(b).await;
-    let mut a = sidecar_config(&cp, cp.token_file("demo", "client"));
-    a.routes = vec![route(b.r().inbound_addr, None)];
-    let mut a = Sidecar::start_ready(a).await;
+    let (mut a, mut b) = pair(&cp, http_app("web").await, InboundMode::Strict, None).await;
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut ok, mut failed, mut n) = (0u32, Vec::new(), 0u32);
@@ -100,14 +93,7 @@ async fn three_rotations_under_load_lose_no_request() {
 #[tokio::test]
 async fn traffic_goes_on_when_the_control_plane_stops() {
     let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
-    let app = echo_app().await;
-    let mut b = sidecar_config(&cp, cp.token_file("demo", "server"));
-    b.app_addr = Some(app);
-    b.inbound_mode = InboundMode::Strict;
-    let mut b = Sidecar::start_ready(b).await;
-    let mut a = sidecar_config(&cp, cp.token_file("demo", "client"));
-    a.routes = vec![route(b.r().inbound_addr, None)];
-    let mut a = Sidecar::start_ready(a).await;
+    let (mut a, mut b) = pair(&cp, echo_app().await, InboundMode::Strict, None).await;
     assert_eq!(
         echo_round_trip(a.route(0), b"before").await.unwrap(),
         b"before"
@@ -136,14 +122,8 @@ async fn traffic_goes_on_when_the_control_plane_stops() {
 #[tokio::test]
 async fn expired_certificates_fail_closed_until_the_control_plane_returns() {
     let mut cp = ControlPlane::start(Duration::from_secs(3)).await;
-    let mut b = sidecar_config(&cp, cp.token_file("demo", "server"));
-    b.app_addr = Some(echo_app().await);
     // Permissive: a client falling back to plaintext would get through, so it must not.
-    b.inbound_mode = InboundMode::Permissive;
-    let mut b = Sidecar::start_ready(b).await;
-    let mut a = sidecar_config(&cp, cp.token_file("demo", "client"));
-    a.routes = vec![route(b.r().inbound_addr, None)];
-    let mut a = Sidecar::start_ready(a).await;
+    let (mut a, mut b) = pair(&cp, echo_app().await, InboundMode::Permissive, None).await;
     assert_eq!(
         echo_round_trip(a.route(0), b"fresh").await.unwrap(),
         b"fresh"
@@ -270,14 +250,7 @@ async fn a_sidecar_started_before_the_control_plane_is_ready_soon_after_it() {
 #[tokio::test]
 async fn a_restarted_control_plane_never_turns_mesh_traffic_into_plaintext() {
     let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
-    let app = echo_app().await;
-    let mut b = sidecar_config(&cp, cp.token_file("demo", "server"));
-    b.app_addr = Some(app);
-    b.inbound_mode = InboundMode::Strict;
-    let mut b = Sidecar::start_ready(b).await;
-    let mut a = sidecar_config(&cp, cp.token_file("demo", "client"));
-    a.routes = vec![route(b.r().inbound_addr, None)];
-    let mut a = Sidecar::start_ready(a).await;
+    let (mut a, mut b) = pair(&cp, echo_app().await, InboundMode::Strict, None).await;
     assert_eq!(
         echo_round_trip(a.route(0), b"before").await.unwrap(),
         b"before"
@@ -302,21 +275,16 @@ async fn a_restarted_control_plane_never_turns_mesh_traffic_into_plaintext() {
     c.routes = vec![route(b.r().inbound_addr, None)];
     let mut c = Sidecar::start_ready(c).await;
     for client in [&a, &c] {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if echo_round_trip(client.route(0), b"after")
-                .await
-                .map(|v| v == b"after")
-                .unwrap_or(false)
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "traffic did not resume after the restart"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(
+            "traffic to resume after the restart",
+            Duration::from_secs(20),
+            async || {
+                echo_round_trip(client.route(0), b"after")
+                    .await
+                    .is_ok_and(|v| v == b"after")
+            },
+        )
+        .await;
         let m = client.metrics().await;
         assert_eq!(
             metric(

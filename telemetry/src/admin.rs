@@ -22,17 +22,8 @@ where
     F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
 {
     loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly, keep serving.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, _)) = crate::process::accept(&listener, &stop, "admin").await else {
+            return;
         };
         let route = route.clone();
         let stop = stop.clone();

@@ -4,7 +4,7 @@
 //! - [`prometheus_text`]: a prometheus-client registry in the Prometheus text format
 //!   (`text/plain; version=0.0.4`), the format `promtool check metrics` reads.
 //! - [`admin`]: the small HTTP/1.1 server behind both admin APIs, and response helpers.
-//! - [`process`]: logging setup and the shutdown signal of both binaries.
+//! - [`process`]: logging setup, the shutdown signal, accepting connections.
 //! - [`promtool`]: `promtool check metrics`, as the tests run it.
 //! - [`traces`]: OpenTelemetry traces over OTLP (gRPC or HTTP/protobuf) from `OTEL_*`
 //!   variables, exported off the data path.

@@ -140,3 +140,16 @@ pub fn metric(text: &str, line_prefix: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// Polls `cond` every 20 ms until it holds: waits on a state the test can observe, never on
+/// time alone. Fails naming `what` after `within`. (The sidecar's tests have the same.)
+pub async fn eventually(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -146,6 +146,24 @@ impl ControlPlane {
     }
 }
 
+/// Client sidecar A (demo/client) routes to server sidecar B (demo/server, `b_mode`) in
+/// front of `app`; the route names `route_identity`, or leaves it to discovery.
+pub async fn pair(
+    cp: &ControlPlane,
+    app: SocketAddr,
+    b_mode: InboundMode,
+    route_identity: Option<&str>,
+) -> (Sidecar, Sidecar) {
+    let mut b = sidecar_config(cp, cp.token_file("demo", "server"));
+    b.app_addr = Some(app);
+    b.inbound_mode = b_mode;
+    let b = Sidecar::start_ready(b).await;
+    let mut a = sidecar_config(cp, cp.token_file("demo", "client"));
+    a.routes = vec![route(b.r().inbound_addr, route_identity)];
+    let a = Sidecar::start_ready(a).await;
+    (a, b)
+}
+
 /// A sidecar configuration for explicit mode on loopback.
 pub fn sidecar_config(cp: &ControlPlane, token_file: PathBuf) -> Config {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -394,6 +412,24 @@ pub async fn answer(
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// GETs `uri` (absolute: it names the authority) over a fresh prior-knowledge HTTP/2
+/// connection to `addr`: (status, body).
+pub async fn h2_get(addr: SocketAddr, uri: &str) -> (u16, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(uri)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    answer(sender.send_request(req)).await
 }
 
 /// The value of the first metric line starting with `prefix` (0 when absent).
