@@ -36,6 +36,9 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     tracing::info!(?config, "starting");
+    tokio::spawn(meshlet_telemetry::memory::release_periodically(
+        meshlet_telemetry::memory::RELEASE_INTERVAL,
+    ));
     let mut listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
         .await
         .with_context(|| format!("binding {} and {}", config.grpc_addr, config.admin_addr))?;

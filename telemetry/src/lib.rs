@@ -5,11 +5,13 @@
 //!   (`text/plain; version=0.0.4`), the format `promtool check metrics` reads.
 //! - [`admin`]: the small HTTP/1.1 server behind both admin APIs, and response helpers.
 //! - [`process`]: logging setup, the shutdown signal, accepting connections.
+//! - [`memory`]: handing memory the allocator keeps after a burst back to the system.
 //! - [`promtool`]: `promtool check metrics`, as the tests run it.
 //! - [`traces`]: OpenTelemetry traces over OTLP (gRPC or HTTP/protobuf) from `OTEL_*`
 //!   variables, exported off the data path.
 
 pub mod admin;
+pub mod memory;
 pub mod process;
 pub mod promtool;
 pub mod traces;
