@@ -15,7 +15,15 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy: get a certificate, capture and proxy traffic.
-    Run(Box<RunArgs>),
+    Run {
+        #[command(flatten)]
+        config: Box<RunArgs>,
+        /// Threads that run the proxy. 0: one per CPU this process may use (its affinity and
+        /// cgroup CPU quota). With 1, everything runs on one thread: no cross-thread wake-ups
+        /// and one allocator arena, the cheapest set-up for a sidecar given one core or less.
+        #[arg(long, env = "MESHLET_WORKER_THREADS", default_value_t = 0)]
+        worker_threads: usize,
+    },
     /// Install the traffic capture rules in this network namespace (needs NET_ADMIN).
     Init(InitArgs),
     /// Wait until the sidecar reports ready (for a postStart hook in container mode).
@@ -29,8 +37,7 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     meshlet_telemetry::process::init_logging();
     match Cli::parse().command {
@@ -38,24 +45,52 @@ async fn main() -> anyhow::Result<()> {
         Command::WaitReady {
             admin_addr,
             timeout,
-        } => wait_ready(admin_addr, timeout).await,
-        Command::Run(mut config) => {
-            config.tracing =
-                meshlet_telemetry::traces::TraceConfig::from_env(|k| std::env::var(k).ok())?;
-            tracing::info!(?config, "starting");
-            let listeners = Listeners::bind(&config)
-                .await
-                .context("binding listeners")?;
-            let running = meshlet_proxy::run(
-                *config,
-                listeners,
-                meshlet_telemetry::process::shutdown_signal(),
-            )
-            .await?;
-            running.wait().await;
-            Ok(())
-        }
+        } => runtime(1)?.block_on(wait_ready(admin_addr, timeout)),
+        Command::Run {
+            config,
+            worker_threads,
+        } => runtime(worker_threads)?.block_on(run(config)),
     }
+}
+
+/// A Tokio runtime with `threads` workers (0: one per usable CPU); one means the
+/// current-thread scheduler, on the thread that calls `block_on`.
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")
+}
+
+/// Gets the tracing settings from `OTEL_*`, binds the listeners and runs until SIGTERM.
+async fn run(mut config: Box<RunArgs>) -> anyhow::Result<()> {
+    config.tracing = meshlet_telemetry::traces::TraceConfig::from_env(|k| std::env::var(k).ok())?;
+    tracing::info!(?config, "starting");
+    tokio::spawn(meshlet_telemetry::memory::release_periodically(
+        meshlet_telemetry::memory::RELEASE_INTERVAL,
+    ));
+    let listeners = Listeners::bind(&config)
+        .await
+        .context("binding listeners")?;
+    let running = meshlet_proxy::run(
+        *config,
+        listeners,
+        meshlet_telemetry::process::shutdown_signal(),
+    )
+    .await?;
+    running.wait().await;
+    Ok(())
 }
 
 /// Polls `GET /ready` on the admin port until it answers 200, or fails after `timeout`.
