@@ -54,16 +54,24 @@ impl Upstream {
             // Meaningful only on a pooled connection; never passed on from a client.
             req.headers_mut().remove(pool::ORIG_PROTO);
         }
+        // The connection-per-client branches are boxed: each request's future is as large
+        // as its largest branch, and hyper moves it into a task of its own per HTTP/2 stream.
         match self {
             Self::H1(sender) => {
-                let mut sender = sender.lock().await;
-                sender.ready().await?;
-                Ok(sender.send_request(req).await?)
+                Box::pin(async move {
+                    let mut sender = sender.lock().await;
+                    sender.ready().await?;
+                    Ok(sender.send_request(req).await?)
+                })
+                .await
             }
             Self::H2(sender) => {
-                let mut sender = sender.clone();
-                sender.ready().await?;
-                Ok(sender.send_request(req).await?)
+                Box::pin(async move {
+                    let mut sender = sender.clone();
+                    sender.ready().await?;
+                    Ok(sender.send_request(req).await?)
+                })
+                .await
             }
             Self::Pooled(route) => route.send(req).await,
             Self::App(clients, app) => clients.send(*app, req).await,

@@ -183,13 +183,17 @@ impl Inbound {
                     return;
                 };
                 match connect(app, self.connect_timeout).await {
-                    Ok(upstream) => relay(conn, upstream, self.ctx(None, authz)).await,
+                    Ok(upstream) => Box::pin(relay(conn, upstream, self.ctx(None, authz))).await,
                     Err(_) => self
                         .metrics
                         .refuse(Direction::inbound, Refusal::upstream_unreachable),
                 }
             }
-            (Plan::Terminate(app), Some(creds)) => self.terminate(conn, app, &creds).await,
+            // Boxed: the TLS state is large, and a task's future is as large as its
+            // largest state.
+            (Plan::Terminate(app), Some(creds)) => {
+                Box::pin(self.terminate(conn, app, &creds)).await
+            }
             (Plan::Terminate(_), None) => self
                 .metrics
                 .refuse(Direction::inbound, Refusal::no_certificate),

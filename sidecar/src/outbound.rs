@@ -130,8 +130,11 @@ impl Outbound {
         tracing::debug!(%dst, ?plan, "outbound");
         match (plan, creds) {
             (Plan::Refuse(reason), _) => self.metrics.refuse(Direction::outbound, reason),
+            // Boxed here and below: a task's future is as large as its largest state, and
+            // these paths are rare next to pooled HTTP (measured: 24 KB per app connection
+            // unboxed, in the dev profile).
             (Plan::Passthrough(dst), _) => match connect(dst, self.connect_timeout).await {
-                Ok(upstream) => relay(app, upstream, self.ctx(None)).await,
+                Ok(upstream) => Box::pin(relay(app, upstream, self.ctx(None))).await,
                 Err(_) => self
                     .metrics
                     .refuse(Direction::outbound, Refusal::upstream_unreachable),
@@ -180,10 +183,23 @@ impl Outbound {
                     ));
                     serve_http(app, protocol, Upstream::Pooled(route), ctx).await
                 }
-                Ok(Got::Dedicated(tls, info)) => relay(app, tls, self.ctx(Some(info))).await,
+                Ok(Got::Dedicated(tls, info)) => {
+                    Box::pin(relay(app, tls, self.ctx(Some(info)))).await
+                }
                 Err(e) => self.dial_failed(dst, e),
             };
         }
+        Box::pin(self.dedicated(app, dst, identity, creds)).await
+    }
+
+    /// A mutual-TLS connection of its own for `app`, relayed byte for byte.
+    async fn dedicated(
+        &self,
+        app: Prefixed<TcpStream>,
+        dst: SocketAddr,
+        identity: &SpiffeId,
+        creds: &Arc<Creds>,
+    ) {
         let config = creds.client.clone();
         match dial(
             dst,

@@ -143,7 +143,7 @@ where
                 span.finish(record.bytes.load(std::sync::atomic::Ordering::Relaxed));
             }
         }
-        Protocol::Http1 | Protocol::Http2 => http::proxy(down, up, protocol, &ctx).await,
+        Protocol::Http1 | Protocol::Http2 => Box::pin(http::proxy(down, up, protocol, &ctx)).await,
     }
     drop(record);
 }
