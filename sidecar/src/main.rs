@@ -19,8 +19,9 @@ enum Command {
         #[command(flatten)]
         config: Box<RunArgs>,
         /// Threads that run the proxy. 0: one per CPU this process may use (its affinity and
-        /// cgroup CPU quota). With 1, everything runs on one thread: no cross-thread wake-ups
-        /// and one allocator arena, the cheapest set-up for a sidecar given one core or less.
+        /// cgroup CPU quota), at most 2, so a sidecar on a large node without a CPU limit does
+        /// not start a thread per core. With 1, everything runs on one thread: no cross-thread
+        /// wake-ups and one allocator arena, the cheapest set-up for a sidecar given one core.
         #[arg(long, env = "MESHLET_WORKER_THREADS", default_value_t = 0)]
         worker_threads: usize,
     },
@@ -53,11 +54,17 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// A Tokio runtime with `threads` workers (0: one per usable CPU); one means the
-/// current-thread scheduler, on the thread that calls `block_on`.
+/// Threads a sidecar starts with `--worker-threads 0`, at most.
+const AUTO_THREADS_MAX: usize = 2;
+
+/// A Tokio runtime with `threads` workers (0: one per usable CPU, at most
+/// [`AUTO_THREADS_MAX`]); one means the current-thread scheduler, on the thread that calls
+/// `block_on`.
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        0 => std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(AUTO_THREADS_MAX),
         n => n,
     };
     let mut builder = if threads == 1 {
