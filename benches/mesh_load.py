@@ -39,6 +39,10 @@ MAX_CONNS = 64  # wrk keep-alive connections for the maximum-throughput test
 CLOSE_CONNS = 16  # wrk connections for the one-connection-per-request test
 SERVER_ID = "spiffe://cluster.local/ns/bench/sa/server"
 LOADGEN_CPU, SERVER_CPU = "1", "0"
+# The core of the client-side proxy of each pair: the server's (default, `--pinning shared`), or
+# the load generator's (`--pinning per-pod`: each proxy on the core of the app it serves, as
+# sidecars sit in their pods; set in main).
+CLIENT_PROXY_CPU = SERVER_CPU
 TICKS = os.sysconf("SC_CLK_TCK")
 # Idle memory is read right after a round's load and again this much later: a proxy may give
 # memory back a while after a burst (meshlet's sidecars do every 10 s).
@@ -228,7 +232,7 @@ def start_meshlet(procs, tmp, bins, backend):
                 "--token-file", str(d / f"{sa}.token"), "--trust-bundle", str(d / "bundle.pem"),
                 "--admin-addr", f"127.0.0.1:{adm}", "--inbound-addr", f"127.0.0.1:{inbound}",
                 "--outbound-addr", f"127.0.0.1:{outbound}", "--drain-timeout", "2s"] + extra
-        p = procs.start(f"meshlet-{sa}", argv, SERVER_CPU, env)
+        p = procs.start(f"meshlet-{sa}", argv, CLIENT_PROXY_CPU if sa == "client" else SERVER_CPU, env)
         wait_until(f"meshlet {sa} sidecar /ready", lambda: http_get(adm, "/ready")[0] == 200, proc=p)
         return p
 
@@ -274,7 +278,8 @@ def start_stunnel(procs, tmp, pki, backend):
         conf.write_text(f"foreground = yes\npid =\nsyslog = no\ndebug = warning\n[bench]\n{extra}"
                         f"accept = 127.0.0.1:{accept}\nconnect = 127.0.0.1:{connect}\n"
                         f"cert = {pki}/{role}.crt\nkey = {pki}/{role}.key\n{common}")
-        p = procs.start(f"stunnel-{role}", [shutil.which("stunnel4") or "stunnel", str(conf)], SERVER_CPU)
+        p = procs.start(f"stunnel-{role}", [shutil.which("stunnel4") or "stunnel", str(conf)],
+                        CLIENT_PROXY_CPU if role == "client" else SERVER_CPU)
         pids.insert(0, (f"{role} stunnel", p))
     wait_until("stunnel pair", lambda: backend_answers(front), proc=pids[0][1])
     return Setup("stunnel", front, [(n, p.pid) for n, p in pids], "TLS 1.3, X25519, no resumption, L4")
@@ -298,7 +303,8 @@ def start_haproxy(procs, tmp, pki, backend, mode):
     for role in ("server", "client"):
         conf = tmp / f"{name}-{role}.cfg"
         conf.write_text(confs[role])
-        p = procs.start(f"{name}-{role}", ["haproxy", "-db", "-f", str(conf)], SERVER_CPU)
+        p = procs.start(f"{name}-{role}", ["haproxy", "-db", "-f", str(conf)],
+                        CLIENT_PROXY_CPU if role == "client" else SERVER_CPU)
         pids.insert(0, (f"{role} haproxy", p))
     wait_until(name, lambda: backend_answers(front), proc=pids[0][1])
     note = "L7, pooled upstream (http-reuse always)" if mode == "http" else "L4 (mode tcp)"
@@ -531,6 +537,8 @@ def print_tables(figs, setups, fresh):
 def check_targets(fig):
     results = []
     for key, label, bound, kind in TARGETS:
+        if CLIENT_PROXY_CPU != SERVER_CPU and key.startswith("added_"):
+            continue  # per-pod pinning: the fixed-rate client spins on the client proxy's core
         s = fig.get(key)
         value = s["median"] if s else None
         ok = value is not None and (value <= bound if kind == "max" else value >= bound)
@@ -681,6 +689,9 @@ def main():
                     help="before each round wait up to this long for no cargo/rustc, and repeat a round one "
                          "ran in (0: never wait; --quick: 0)")
     ap.add_argument("--only", default="", help="comma-separated peers to run (stunnel,haproxy-l4,haproxy-l7)")
+    ap.add_argument("--pinning", choices=("shared", "per-pod"), default="shared",
+                    help="shared: nginx and both proxies of a pair on one core, the load generators on the other; "
+                         "per-pod: the client-side proxy on the load generators' core (latency is then not judged)")
     args = ap.parse_args()
     rounds = 1 if args.quick else max(1, args.rounds)
     durations = (2, 1, 2) if args.quick else (10, 2, 5)  # fixed-rate s, its warm-up s, each wrk s
@@ -693,6 +704,9 @@ def main():
         if not (bins / b).is_file():
             sys.exit(f"{bins / b} not found: run `cargo build --profile dist` first (or pass --bin-dir)")
     pin = (os.cpu_count() or 1) >= 2
+    global CLIENT_PROXY_CPU
+    if pin and args.pinning == "per-pod":
+        CLIENT_PROXY_CPU = LOADGEN_CPU
     if pin:
         os.sched_setaffinity(0, {int(LOADGEN_CPU)})  # keep this script off the proxies' core
 
@@ -704,8 +718,12 @@ def main():
     print(f"machine: {machine['nproc']} x {machine['cpu_model']}, load average {' '.join(machine['loadavg'])}, "
           f"{machine['idle_share_before']:.0%} idle in the 2 s before start"
           + (f"; BUSY: {', '.join(busy)} running" if (busy := machine["cargo_or_rustc_running"]) else ""))
-    print("pinning: " + (f"load generators on core {LOADGEN_CPU}; nginx, proxies and control plane on core "
-                         f"{SERVER_CPU}" if pin else "none (one core)"))
+    print("pinning: " + ("none (one core)" if not pin else
+                         f"load generators on core {LOADGEN_CPU}; nginx, proxies and control plane on core {SERVER_CPU}"
+                         if CLIENT_PROXY_CPU == SERVER_CPU else
+                         f"load generators and the client-side proxies on core {LOADGEN_CPU}; nginx, the server-side "
+                         f"proxies and the control plane on core {SERVER_CPU} (per pod: latency is not judged, as the "
+                         "fixed-rate client spins on the client proxies' core)"))
 
     signal.signal(signal.SIGTERM, on_sigterm)
     tmp = Path(tempfile.mkdtemp(prefix="mesh-load-"))
@@ -734,7 +752,7 @@ def main():
           f"went to processes this harness did not start; load average at the end {' '.join(machine['loadavg_end'])}")
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine, "pinned": pin, "skipped": skipped, "rss_at_start_mib": fresh,
-              "config": {"rounds": rounds, "quick": args.quick, "fixed_rate_rps": RATE, "fixed_conns": LAT_CONNS,
+              "config": {"rounds": rounds, "quick": args.quick, "pinning": args.pinning, "fixed_rate_rps": RATE, "fixed_conns": LAT_CONNS,
                          "fixed_seconds": durations[0], "warmup_seconds": durations[1], "wrk_seconds": durations[2],
                          "max_conns": MAX_CONNS, "close_conns": CLOSE_CONNS, "body_bytes": len(BODY)},
               "setups": {s.name: {"port": s.port, "proxies": [p for p, _ in s.proxies], "note": s.note}
