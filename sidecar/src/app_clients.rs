@@ -55,7 +55,8 @@ impl AppClients {
             .is_some_and(|v| v.as_bytes() == b"HTTP/2");
         if h2 {
             *req.version_mut() = Version::HTTP_2;
-            return self.send_h2(app, req).await;
+            // Boxed: its connect-and-handshake state would make every request's future larger.
+            return Box::pin(self.send_h2(app, req)).await;
         }
         // HTTP/1.1: the request keeps its Host; the URI names the app, which keys the pool.
         *req.version_mut() = Version::HTTP_11;

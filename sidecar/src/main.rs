@@ -61,12 +61,8 @@ const AUTO_THREADS_MAX: usize = 2;
 /// [`AUTO_THREADS_MAX`]); one means the current-thread scheduler, on the thread that calls
 /// `block_on`.
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let threads = match threads {
-        0 => std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .min(AUTO_THREADS_MAX),
-        n => n,
-    };
+    let available = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = worker_threads(threads, available);
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -80,10 +76,24 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the Tokio runtime")
 }
 
+/// The threads `--worker-threads flag` means on a machine where this process may use
+/// `available` CPUs.
+fn worker_threads(flag: usize, available: usize) -> usize {
+    match flag {
+        0 => available.clamp(1, AUTO_THREADS_MAX),
+        n => n,
+    }
+}
+
 /// Gets the tracing settings from `OTEL_*`, binds the listeners and runs until SIGTERM.
 async fn run(mut config: Box<RunArgs>) -> anyhow::Result<()> {
     config.tracing = meshlet_telemetry::traces::TraceConfig::from_env(|k| std::env::var(k).ok())?;
-    tracing::info!(?config, "starting");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let scheduler = match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
+        _ => "multi_thread",
+    };
+    tracing::info!(?config, scheduler, workers, "starting");
     tokio::spawn(meshlet_telemetry::memory::release_periodically(
         meshlet_telemetry::memory::RELEASE_INTERVAL,
     ));
@@ -122,5 +132,31 @@ async fn wait_ready(
             anyhow::bail!("the sidecar at {addr} was not ready within {timeout:?}");
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn worker_thread_counts() {
+        // (flag, CPUs available, threads)
+        let cases = [
+            (0, 1, 1),
+            (0, 2, 2),
+            (0, 64, 2),
+            (0, 0, 1),
+            (1, 64, 1),
+            (3, 1, 3),
+            (8, 64, 8),
+        ];
+        for (flag, available, want) in cases {
+            assert_eq!(
+                worker_threads(flag, available),
+                want,
+                "flag {flag}, {available} CPUs"
+            );
+        }
     }
 }

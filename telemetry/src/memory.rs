@@ -18,7 +18,8 @@ pub const RELEASE_INTERVAL: Duration = Duration::from_secs(10);
 #[allow(unsafe_code)]
 pub fn release_free_memory() -> bool {
     // SAFETY: malloc_trim takes no pointer and touches only the allocator's own state, under
-    // the allocator's locks; glibc documents it as safe to call from any thread at any time.
+    // the allocator's locks; glibc documents it as MT-Safe (callable from any thread; not
+    // from a signal handler, and this is not one).
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
@@ -40,7 +41,7 @@ pub async fn release_periodically(interval: Duration) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;
 
@@ -54,7 +55,6 @@ mod tests {
             .expect("/proc/self/status has RssAnon")
     }
 
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn freed_memory_below_a_live_allocation_goes_back() {
         // 64 MiB in blocks small enough for the heap (not mmap), touched so they are
