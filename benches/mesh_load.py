@@ -530,7 +530,7 @@ def print_tables(figs, setups, fresh):
           [("@1k rps", "cpu_1k", 3), ("@max", "cpu_max", 3), ("per 10k conns", "cpu_close", 2),
            ("RSS idle MiB", "rss_idle_mib", 1), (f"{SETTLE_S} s later", "rss_settled_mib", 1),
            ("RSS @64 conns MiB", "rss_64_mib", 1)])
-    print(f"  RSS idle is taken after each round's load, and again {SETTLE_S} s later; RSS at start, before any load: "
+    print(f"  RSS idle is taken after each setup's last load in a round, and again {SETTLE_S} s later; at start, before any load: "
           + "; ".join(f"{name} {' / '.join(f'{v:.1f}' for v in rss.values())}" for name, rss in fresh.items() if rss))
 
 
