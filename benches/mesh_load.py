@@ -684,7 +684,7 @@ def run_rounds(procs, tmp, setups, rounds, durations, wait_limit):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="1 round, short runs: a smoke test (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="1 round, short runs: a smoke test (about 65 s)")
     ap.add_argument("--json", default=str(ROOT / "target" / "mesh-load.json"))
     ap.add_argument("--bin-dir", default=str(ROOT / "target" / "dist"))
     ap.add_argument("--wait-quiet", type=int, default=1200, metavar="SECONDS",
