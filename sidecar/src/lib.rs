@@ -9,7 +9,8 @@
 //! - [`outbound`], [`inbound`]: one `decide` (pure, table-tested) and one `handle` each.
 //! - [`relay`]: protocol detection, then [`http`] (hyper, per request) or opaque TCP copy.
 //! - [`pool`]: HTTP/2 connections between sidecars shared by many app connections;
-//!   [`app_clients`]: inbound, their requests to the app in each one's own protocol.
+//!   [`app_clients`]: inbound, their requests to the app in each one's own protocol;
+//!   [`replay`]: a request the peer did not process (GOAWAY) is sent again.
 //! - [`detect`]: ClientHello/ALPN and HTTP detection on first bytes; [`io`]: replay, sniff.
 //! - [`init`]: the iptables capture rules (`meshlet-proxy init`); [`orig_dst`]: SO_ORIGINAL_DST.
 //! - [`admin`]: `/ready`, `/live`, `/certs`, `/metrics`; [`metrics`]: closed label sets.
@@ -30,6 +31,7 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod pool;
 pub mod relay;
+pub mod replay;
 pub mod trace;
 
 use std::future::Future;

@@ -11,13 +11,15 @@
 //! A pooled connection is also left when the peer's certificate expires; a dial that fails
 //! fails every request that waited for it (one timeout, not one each); a peer found not to
 //! speak the pooled protocol is remembered for [`OLD_PEER`], and dialled without waiting.
+//! A request the peer did not process (its connection closed or was going away) is sent once
+//! more on another connection ([`crate::replay`]), and that connection is not used again.
 //!
 //! Each pooled request carries its original protocol in [`ORIG_PROTO`]; inbound,
 //! [`crate::app_clients`] sends it to the app in that protocol.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
@@ -34,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::identity::Creds;
 use crate::metrics::{HandshakeError, TlsInfo};
 use crate::relay::connect;
+use crate::replay::{Replay, ReqBody, not_processed};
 
 /// The header that tells the inbound sidecar how the app spoke a pooled request:
 /// `HTTP/1.1` or `HTTP/2`. Set by the outbound sidecar (a client's own value is replaced)
@@ -110,8 +113,10 @@ pub async fn dial(
 /// A pooled connection: send requests on clones of `sender`.
 #[derive(Debug, Clone)]
 pub struct Pooled {
-    pub sender: client2::SendRequest<Incoming>,
+    pub sender: client2::SendRequest<ReqBody>,
     pub info: TlsInfo,
+    /// Set when a request found the connection going away: no request is sent on it again.
+    closing: Arc<AtomicBool>,
     creds: Arc<Creds>,
     /// When the peer's certificate expires: the connection is not used after.
     peer_not_after: SystemTime,
@@ -124,6 +129,7 @@ impl Pooled {
     fn usable(&self, creds: &Arc<Creds>) -> bool {
         Arc::ptr_eq(&self.creds, creds)
             && !self.sender.is_closed()
+            && !self.closing.load(Ordering::Relaxed)
             && SystemTime::now() < self.peer_not_after
     }
 }
@@ -268,6 +274,7 @@ impl Pool {
         Ok(Got::Pooled(Pooled {
             sender,
             info,
+            closing: Arc::default(),
             creds: creds.clone(),
             peer_not_after,
             last_used: last_used.clone(),
@@ -339,28 +346,29 @@ impl Route {
         }
     }
 
-    /// A sender on the connection in use, else on the pool's (dialled if need be).
+    /// A sender on the connection in use, else on the pool's (dialled if need be), and that
+    /// connection's `closing` flag.
     async fn sender(
         &self,
         creds: &Arc<Creds>,
-    ) -> Result<client2::SendRequest<Incoming>, SendError> {
+    ) -> Result<(client2::SendRequest<ReqBody>, Arc<AtomicBool>), SendError> {
         let now = self.pool.now_ms();
         let cached = self.current.lock().ok().and_then(|current| {
             let pooled = current.as_ref().filter(|p| p.usable(creds))?;
             pooled.last_used.store(now, Ordering::Relaxed);
-            Some(pooled.sender.clone())
+            Some((pooled.sender.clone(), pooled.closing.clone()))
         });
-        if let Some(sender) = cached {
-            return Ok(sender);
+        if let Some(cached) = cached {
+            return Ok(cached);
         }
         let Got::Pooled(pooled) = self.pool.get(self.dst, &self.identity, creds).await? else {
             return Err(SendError::NotPooled);
         };
-        let sender = pooled.sender.clone();
+        let got = (pooled.sender.clone(), pooled.closing.clone());
         if let Ok(mut current) = self.current.lock() {
             *current = Some(pooled);
         }
-        Ok(sender)
+        Ok(got)
     }
 
     /// Sends one request from the app. Upgrades (WebSocket) cannot ride an HTTP/2 stream:
@@ -386,25 +394,39 @@ impl Route {
             return Ok(sender.send_request(req).await?);
         }
         to_pooled(&mut req, self.dst);
-        // A pooled connection that closed under us: the request was never sent, so it
-        // goes once more, on a new connection.
+        // A request the peer did not process (the connection closed or was going away under
+        // it) goes once more, on another connection: hyper hands back one it never sent, and
+        // one without a body is built again from its head.
+        let mut replay = Replay::of(&req);
+        let mut req = req.map(ReqBody::App);
         let mut retried = false;
         loop {
-            let mut sender = self.sender(&creds).await?;
-            if let Err(e) = sender.ready().await {
-                match retried {
-                    false => retried = true,
-                    true => return Err(e.into()),
-                }
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if !retried => (req, retried) = (unsent, true),
-                    _ => return Err(e.into_error().into()),
+            let (mut sender, closing) = self.sender(&creds).await?;
+            let failed = match sender.ready().await {
+                Err(e) => e,
+                Ok(()) => match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => {
+                            req = unsent;
+                            e.into_error()
+                        }
+                        None => {
+                            let e = e.into_error();
+                            match replay.take().filter(|_| not_processed(&e)) {
+                                Some(head) => req = head.request(),
+                                None => return Err(e.into()),
+                            }
+                            e
+                        }
+                    },
                 },
+            };
+            closing.store(true, Ordering::Relaxed);
+            if retried {
+                return Err(failed.into());
             }
+            retried = true;
         }
     }
 }

@@ -136,15 +136,21 @@ async fn root_rotation_under_traffic_loses_nothing_and_retires_the_old_root() {
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicBool::new(false)),
     );
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let traffic = {
         let (ok, failed, stop, route) = (ok.clone(), failed.clone(), stop.clone(), a.route(0));
+        let failures = failures.clone();
         tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(90);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 let result = async { HttpClient::connect(route).await?.get("/").await }.await;
                 match result {
                     Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        let at = format!("{:?}", Instant::now());
+                        failures.lock().unwrap().push(format!("{at}: {other:?}"));
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
                 };
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -209,8 +215,9 @@ async fn root_rotation_under_traffic_loses_nothing_and_retires_the_old_root() {
     assert_eq!(
         failed,
         0,
-        "{failed} of {} requests failed during the rotation",
-        ok + failed
+        "{failed} of {} requests failed during the rotation: {:?}",
+        ok + failed,
+        failures.lock().unwrap()
     );
     assert!(ok > 50, "only {ok} requests");
 

@@ -6,6 +6,8 @@
 //! tokio-rustls server presents each one, standing in for the peer sidecar, to an outbound
 //! sidecar whose route names the expected SPIFFE ID. Each must be refused and counted by
 //! reason, while a correctly made leaf from the same forge is accepted, before and after.
+//! The same forge makes peers that stand in for other sidecars' behaviour: an older version
+//! (no pooled protocol) and one winding its pooled connection down as a request arrives.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use meshlet_identity::{Expected, MESH_ALPN, SpiffeId, TrustDomain, tls};
+use meshlet_identity::{Expected, MESH_ALPN, POOLED_ALPN, SpiffeId, TrustDomain, tls};
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
@@ -344,47 +346,79 @@ async fn an_outbound_sidecar_refuses_server_certificates_that_break_the_svid_rul
     cp.stop().await;
 }
 
+type PeerTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// A stand-in peer sidecar: a correct SVID for `SERVER_ID`, client certificates of the trust
+/// domain required, ALPN `alpn` only; each connection it accepts goes to `handle` with its
+/// number (0, 1, ...). Returns its address and the count of connections it took.
+async fn stand_in_peer<F, Fut>(
+    cp: &ControlPlane,
+    alpn: &[u8],
+    handle: F,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>)
+where
+    F: Fn(PeerTls, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (chain, key) = Forge::load(cp).svid(SERVER_ID, Flaw::Nothing);
+    let td = TrustDomain::parse("cluster.local").unwrap();
+    let clients = Some((roots(cp), Expected::TrustDomain(td)));
+    let config = tls::server_config(chain, key, clients, &[alpn]).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (counted, handle) = (connections.clone(), Arc::new(handle));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counted, handle) = (acceptor.clone(), counted.clone(), handle.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let n = counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    handle(tls, n).await;
+                }
+            });
+        }
+    });
+    (peer, connections)
+}
+
+/// Serves HTTP/1.1 (`h2`: HTTP/2) on `tls`, answering each request `<text> <method>`.
+async fn serve_text(tls: PeerTls, h2: bool, text: &'static str) {
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let body = format!("{text} {}", req.method());
+        async move {
+            Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from(body),
+            )))
+        }
+    });
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let _ = if h2 {
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(io, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await
+    };
+}
+
 /// A peer sidecar of an earlier version (it offers only `meshlet/1`): HTTP still reaches it,
 /// over a connection per app connection instead of a pooled one.
 #[tokio::test]
 async fn an_older_peer_without_the_pooled_protocol_still_gets_http() {
     let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
-    let forge = Forge::load(&cp);
-    let (chain, key) = forge.svid(SERVER_ID, Flaw::Nothing);
-    let td = TrustDomain::parse("cluster.local").unwrap();
-    let clients = Some((roots(&cp), Expected::TrustDomain(td)));
-    let config = tls::server_config(chain, key, clients, &[MESH_ALPN]).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let peer = listener.local_addr().unwrap();
-    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = handshakes.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, counted) = (acceptor.clone(), counted.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from_static(b"old peer"),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
+    let (peer, handshakes) =
+        stand_in_peer(&cp, MESH_ALPN, |tls, _| serve_text(tls, false, "old peer")).await;
     let mut client = sidecar_config(&cp, cp.token_file("demo", "client"));
     client.routes = vec![route(peer, Some(SERVER_ID))];
     let mut client = Sidecar::start_ready(client).await;
     for _ in 0..3 {
         assert_eq!(
             http_get(client.route(0), "/").await,
-            (200, "old peer".into())
+            (200, "old peer GET".into())
         );
     }
     assert_eq!(
@@ -392,6 +426,87 @@ async fn an_older_peer_without_the_pooled_protocol_still_gets_http() {
         3,
         "one connection per app connection"
     );
+    client.stop().await;
+    cp.stop().await;
+}
+
+/// A stand-in for a peer sidecar winding its pooled connections down: every other connection
+/// answers the first request's HEADERS with GOAWAY (last stream 0, `NO_ERROR`: the request
+/// was not processed) and closes; the others serve `served <method>`. Returns its address and
+/// the count of connections it took.
+async fn going_away_peer(cp: &ControlPlane) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    stand_in_peer(cp, POOLED_ALPN, |mut tls, n| async move {
+        if n % 2 == 0 {
+            refuse_first_request(&mut tls).await;
+        } else {
+            serve_text(tls, true, "served").await;
+        }
+    })
+    .await
+}
+
+/// Raw HTTP/2: reads the client's preface and frames up to its first HEADERS, then sends
+/// SETTINGS and GOAWAY (last stream 0, `NO_ERROR`) and waits (at most 5 s) for the close.
+async fn refuse_first_request<S>(io: &mut S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut preface = [0u8; 24];
+    if io.read_exact(&mut preface).await.is_err() {
+        return;
+    }
+    loop {
+        let mut head = [0u8; 9];
+        if io.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if io.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        if head[3] == 0x1 {
+            break;
+        }
+    }
+    let settings = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    let goaway = [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let _ = io.write_all(&[&settings[..], &goaway[..]].concat()).await;
+    let _ = io.flush().await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest)).await;
+}
+
+/// A request that meets a peer winding its pooled connection down (GOAWAY below its stream)
+/// was not processed: without a body it is sent again on a new connection and answered;
+/// with a body (gone by then) it gets a 502, and is not sent twice.
+#[tokio::test]
+async fn a_request_a_going_away_peer_did_not_process_is_sent_again() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let (peer, connections) = going_away_peer(&cp).await;
+    let (peer2, connections2) = going_away_peer(&cp).await;
+    let mut client = sidecar_config(&cp, cp.token_file("demo", "client"));
+    client.routes = vec![route(peer, Some(SERVER_ID)), route(peer2, Some(SERVER_ID))];
+    let mut client = Sidecar::start_ready(client).await;
+
+    assert_eq!(
+        http_get(client.route(0), "/").await,
+        (200, "served GET".into())
+    );
+    assert_eq!(
+        connections.load(Relaxed),
+        2,
+        "refused on one, sent again on another"
+    );
+
+    let mut app = HttpClient::connect(client.route(1)).await.unwrap();
+    let (status, _) = app
+        .request("POST", "/", bytes::Bytes::from_static(b"order"))
+        .await
+        .unwrap();
+    assert_eq!(status, 502, "a request with a body is not built again");
+    assert_eq!(connections2.load(Relaxed), 1);
     client.stop().await;
     cp.stop().await;
 }
