@@ -207,13 +207,16 @@ async fn tls_garbage_and_stalled_handshakes_are_closed() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(failures >= 7.0, "each bad connection is counted:\n{m}");
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_connections_refused_total{direction="inbound",reason="plaintext_in_strict_mode"}"#
-        ),
-        3.0,
-        "other TLS (two ALPN cases and the cut record) is not meshlet's:\n{m}"
+    // Other TLS (the two ALPN cases and the cut record) is not meshlet's; the corrupted
+    // ClientHello is too when the flipped bytes land on its ALPN extension, and otherwise
+    // fails in rustls (`tls_handshake`): the extensions' order varies from hello to hello.
+    let not_meshlet = metric(
+        &m,
+        r#"meshlet_connections_refused_total{direction="inbound",reason="plaintext_in_strict_mode"}"#,
+    );
+    assert!(
+        (3.0..=4.0).contains(&not_meshlet),
+        "other TLS is not meshlet's:\n{m}"
     );
     client.stop().await;
     server.stop().await;
