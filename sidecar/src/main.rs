@@ -88,8 +88,9 @@ fn worker_threads(flag: usize, available: usize) -> usize {
 /// Gets the tracing settings from `OTEL_*`, binds the listeners and runs until SIGTERM.
 async fn run(mut config: Box<RunArgs>) -> anyhow::Result<()> {
     config.tracing = meshlet_telemetry::traces::TraceConfig::from_env(|k| std::env::var(k).ok())?;
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    let scheduler = match tokio::runtime::Handle::current().runtime_flavor() {
+    let runtime = tokio::runtime::Handle::current();
+    let workers = runtime.metrics().num_workers();
+    let scheduler = match runtime.runtime_flavor() {
         tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
         _ => "multi_thread",
     };

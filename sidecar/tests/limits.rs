@@ -43,13 +43,10 @@ async fn excess_connections_are_closed_and_counted() {
         "the excess connection was served: {buf:?}"
     );
     let m = b.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_connections_refused_total{direction="inbound",reason="connection_limit"}"#
-        ),
+    assert_metric(
+        &m,
+        r#"meshlet_connections_refused_total{direction="inbound",reason="connection_limit"}"#,
         1.0,
-        "{m}"
     );
     // A slot frees when a connection ends.
     drop(held.pop());

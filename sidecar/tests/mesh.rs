@@ -130,13 +130,10 @@ async fn strict_mode_refuses_plaintext_and_permissive_passes_it() {
         "strict mode let plaintext through"
     );
     let m = strict.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_connections_refused_total{direction="inbound",reason="plaintext_in_strict_mode"}"#
-        ),
+    assert_metric(
+        &m,
+        r#"meshlet_connections_refused_total{direction="inbound",reason="plaintext_in_strict_mode"}"#,
         1.0,
-        "{m}"
     );
 
     let back = echo_round_trip(permissive.r().inbound_addr, b"plain hello")
@@ -144,13 +141,10 @@ async fn strict_mode_refuses_plaintext_and_permissive_passes_it() {
         .unwrap();
     assert_eq!(back, b"plain hello");
     let m = permissive.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_tcp_connections_total{direction="inbound",tls="false"}"#
-        ),
+    assert_metric(
+        &m,
+        r#"meshlet_tcp_connections_total{direction="inbound",tls="false"}"#,
         1.0,
-        "{m}"
     );
     strict.stop().await;
     permissive.stop().await;
@@ -174,13 +168,10 @@ async fn a_server_with_another_identity_is_refused() {
         "data reached a server with the wrong identity"
     );
     let m = a.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_tls_handshake_errors_total{direction="outbound",reason="wrong_identity"}"#
-        ),
+    assert_metric(
+        &m,
+        r#"meshlet_tls_handshake_errors_total{direction="outbound",reason="wrong_identity"}"#,
         1.0,
-        "{m}"
     );
     a.stop().await;
     b.stop().await;
@@ -215,21 +206,15 @@ async fn undiscovered_destinations_pass_through_and_meshed_ones_do_not() {
         b"to a meshed app"
     );
     let m = a.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_tcp_connections_total{direction="outbound",tls="false"}"#
-        ),
+    assert_metric(
+        &m,
+        r#"meshlet_tcp_connections_total{direction="outbound",tls="false"}"#,
         1.0,
-        "{m}"
     );
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_tcp_connections_total{direction="outbound",tls="true"}"#
-        ),
+    assert_metric(
+        &m,
+        r#"meshlet_tcp_connections_total{direction="outbound",tls="true"}"#,
         1.0,
-        "{m}"
     );
     a.stop().await;
     b.stop().await;
@@ -257,33 +242,17 @@ async fn without_a_certificate_nothing_is_meshed() {
 
     let (status, body) = http_get(a.r().admin_addr, "/ready").await;
     assert_eq!(status, 503, "{body}");
-    let result = echo_round_trip(a.route(0), b"hello").await;
-    assert!(
-        result.map(|b| b.is_empty()).unwrap_or(true),
-        "traffic went out without a certificate"
-    );
-    let m = a.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_connections_refused_total{direction="outbound",reason="no_certificate"}"#
-        ),
-        1.0,
-        "{m}"
-    );
+    assert_refused_without_certificate(&a).await;
     let inbound = echo_round_trip(a.r().inbound_addr, b"plaintext").await;
     assert!(
         inbound.map(|b| b.is_empty()).unwrap_or(true),
         "plaintext passed a sidecar that knows no identity"
     );
     let m = a.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_connections_refused_total{direction="inbound",reason="authz_denied"}"#
-        ),
+    assert_metric(
+        &m,
+        r#"meshlet_connections_refused_total{direction="inbound",reason="authz_denied"}"#,
         1.0,
-        "{m}"
     );
     // The refused Certify is reported once it has come back.
     let mut certs = serde_json::Value::Null;

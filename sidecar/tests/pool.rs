@@ -235,13 +235,10 @@ async fn requests_waiting_for_a_failed_dial_fail_with_it() {
         r#"meshlet_tls_handshake_errors_total{direction="outbound",reason="timeout"}"#,
     );
     assert_eq!(timeouts, 1.0, "one dial, shared by all ten: {m}");
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_connections_refused_total{direction="outbound",reason="upstream_unreachable"}"#
-        ),
+    assert_metric(
+        &m,
+        r#"meshlet_connections_refused_total{direction="outbound",reason="upstream_unreachable"}"#,
         9.0,
-        "{m}"
     );
     a.stop().await;
     cp.stop().await;

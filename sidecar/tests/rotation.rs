@@ -335,17 +335,7 @@ async fn a_control_plane_that_never_answers_is_waited_out() {
     .await;
     assert_eq!(http_get(a.r().admin_addr, "/live").await.0, 200);
     assert_eq!(http_get(a.r().admin_addr, "/ready").await.0, 503);
-    let refused = echo_round_trip(a.route(0), b"no certificate yet").await;
-    assert!(refused.map(|b| b.is_empty()).unwrap_or(true));
-    let m = a.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"meshlet_connections_refused_total{direction="outbound",reason="no_certificate"}"#
-        ),
-        1.0,
-        "{m}"
-    );
+    assert_refused_without_certificate(&a).await;
 
     // A real control plane takes the address; the black hole's connections stay open.
     accepting.abort();

@@ -442,6 +442,27 @@ pub fn metric(text: &str, prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Asserts that the sample `series` in the metrics text `m` is `want`; shows `m` if not.
+#[track_caller]
+pub fn assert_metric(m: &str, series: &str, want: f64) {
+    assert_eq!(metric(m, series), want, "{series}:\n{m}");
+}
+
+/// Asserts that `s`, which has no certificate, sends nothing of an app connection on its
+/// first route out (never fail open) and counts it as refused for that (once, so far).
+pub async fn assert_refused_without_certificate(s: &Sidecar) {
+    let result = echo_round_trip(s.route(0), b"no certificate yet").await;
+    assert!(
+        result.map(|b| b.is_empty()).unwrap_or(true),
+        "traffic went out without a certificate"
+    );
+    assert_metric(
+        &s.metrics().await,
+        r#"meshlet_connections_refused_total{direction="outbound",reason="no_certificate"}"#,
+        1.0,
+    );
+}
+
 /// Polls `cond` every 20 ms until it holds: waits on a state the test can observe, never on
 /// time alone. Fails naming `what` after `within`.
 pub async fn eventually(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
