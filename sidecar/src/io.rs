@@ -38,6 +38,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Frees the sniffing buffer (4 KiB) that would otherwise live as long as
+                // the connection.
+                self.prefix = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -169,6 +174,31 @@ mod tests {
         let mut s = Prefixed::new(buf, b);
         s.read_to_end(&mut all).await.expect("read");
         assert_eq!(all, b"GET / HTTP/1.1\r\nrest");
+    }
+
+    #[tokio::test]
+    async fn the_prefix_buffer_is_freed_once_replayed() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut prefix = BytesMut::with_capacity(4096);
+        prefix.extend_from_slice(b"0123456789");
+        let mut s = Prefixed::new(prefix, b);
+        // Replayed over three reads: the buffer is kept until its last byte is out.
+        let mut part = [0u8; 4];
+        for want in [&b"0123"[..], b"4567"] {
+            let n = s.read(&mut part).await.expect("read from the prefix");
+            assert_eq!(&part[..n], want);
+            assert!(s.prefix.capacity() > 0);
+        }
+        let n = s.read(&mut part).await.expect("read from the prefix");
+        assert_eq!(&part[..n], b"89");
+        assert_eq!(
+            s.prefix.capacity(),
+            0,
+            "an idle connection keeps no sniffing buffer"
+        );
+        a.write_all(b"ab").await.expect("write to a duplex");
+        let n = s.read(&mut part).await.expect("read from the stream");
+        assert_eq!(&part[..n], b"ab");
     }
 
     #[tokio::test(start_paused = true)]
