@@ -218,6 +218,7 @@ async fn sidecar(
         max_header_bytes: 64 * 1024,
         handshake_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(3600),
+        app_idle_timeout: Duration::from_secs(3),
         http2_max_streams: 256,
         tracing: meshlet_telemetry::traces::TraceConfig::from_env(|k| std::env::var(k).ok())?,
     };

@@ -20,7 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::pool::{IDLE, ORIG_PROTO, SendError};
+use crate::pool::{ORIG_PROTO, SendError};
 use crate::relay::connect;
 
 /// Idle HTTP/1.1 connections kept per app address.
@@ -32,12 +32,16 @@ pub struct AppClients {
     h1: DashMap<SocketAddr, Client<AppConnector, Incoming>>,
     h2: DashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<client2::SendRequest<Incoming>>>>>,
     connect_timeout: Duration,
+    /// How long an HTTP/1.1 connection may wait unused in the pool: less than the app's
+    /// own keep-alive timeout, so that the sidecar, not the app, closes it.
+    idle: Duration,
 }
 
 impl AppClients {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, idle: Duration) -> Self {
         Self {
             connect_timeout,
+            idle,
             ..Self::default()
         }
     }
@@ -84,8 +88,12 @@ impl AppClients {
                 Client::builder(TokioExecutor::new())
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
-                    .pool_idle_timeout(IDLE)
-                    .pool_max_idle_per_host(MAX_IDLE_PER_APP)
+                    .pool_idle_timeout(self.idle)
+                    .pool_max_idle_per_host(if self.idle.is_zero() {
+                        0
+                    } else {
+                        MAX_IDLE_PER_APP
+                    })
                     .build(AppConnector {
                         app,
                         timeout: self.connect_timeout,

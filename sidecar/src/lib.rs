@@ -269,7 +269,10 @@ pub async fn run(
         tracer,
         policy: policy.clone(),
         workload: token_workload(&config.token_file),
-        app_clients: Arc::new(app_clients::AppClients::new(config.connect_timeout)),
+        app_clients: Arc::new(app_clients::AppClients::new(
+            config.connect_timeout,
+            config.app_idle_timeout,
+        )),
     });
     let tracker = TaskTracker::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));

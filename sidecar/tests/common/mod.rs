@@ -157,6 +157,16 @@ pub async fn pair(
     let mut b = sidecar_config(cp, cp.token_file("demo", "server"));
     b.app_addr = Some(app);
     b.inbound_mode = b_mode;
+    pair_with(cp, b, route_identity).await
+}
+
+/// Client sidecar A (demo/client) routes to server sidecar B, started from `b`; the route
+/// names `route_identity`, or leaves it to discovery.
+pub async fn pair_with(
+    cp: &ControlPlane,
+    b: Config,
+    route_identity: Option<&str>,
+) -> (Sidecar, Sidecar) {
     let b = Sidecar::start_ready(b).await;
     let mut a = sidecar_config(cp, cp.token_file("demo", "client"));
     a.routes = vec![route(b.r().inbound_addr, route_identity)];
@@ -187,6 +197,7 @@ pub fn sidecar_config(cp: &ControlPlane, token_file: PathBuf) -> Config {
         max_header_bytes: 64 * 1024,
         handshake_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(3600),
+        app_idle_timeout: Duration::from_secs(3),
         http2_max_streams: 256,
         tracing: None,
     }

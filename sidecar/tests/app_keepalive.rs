@@ -1,0 +1,99 @@
+//! Keep-alive connections from the inbound sidecar to the app: reused while the app's
+//! requests keep coming, and closed by the sidecar once unused for `--app-idle-timeout`,
+//! before an app with a short keep-alive timeout (Node.js: 5 s) closes them itself.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use meshlet_proxy::inbound::InboundMode;
+
+/// Connections an app accepted, and how many of them the other side has closed.
+#[derive(Default)]
+struct Seen {
+    accepted: AtomicUsize,
+    closed: AtomicUsize,
+}
+
+/// An HTTP/1.1 app with keep-alive that counts its connections.
+async fn counting_app() -> (SocketAddr, Arc<Seen>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counts.accepted.fetch_add(1, Ordering::SeqCst);
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from("ok"))))
+                });
+                // Returns once the sidecar closes the connection.
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+                counts.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A client sidecar routing to a server sidecar in front of `app`, whose app connections
+/// may stay unused for `app_idle`.
+async fn mesh_to(cp: &ControlPlane, app: SocketAddr, app_idle: Duration) -> (Sidecar, Sidecar) {
+    let mut b = sidecar_config(cp, cp.token_file("demo", "server"));
+    b.app_addr = Some(app);
+    b.inbound_mode = InboundMode::Strict;
+    b.app_idle_timeout = app_idle;
+    pair_with(cp, b, None).await
+}
+
+#[tokio::test]
+async fn requests_in_a_row_reuse_one_app_connection() {
+    let cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let (app, seen) = counting_app().await;
+    let (mut a, mut b) = mesh_to(&cp, app, Duration::from_secs(60)).await;
+
+    for _ in 0..3 {
+        // A new app connection each time on the client's side: the server sidecar still
+        // reuses its one connection to the app.
+        let mut client = HttpClient::connect(a.route(0)).await.unwrap();
+        assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
+    }
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.closed.load(Ordering::SeqCst), 0);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_app_connection_unused_for_the_idle_timeout_is_closed_by_the_sidecar() {
+    let cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let (app, seen) = counting_app().await;
+    let (mut a, mut b) = mesh_to(&cp, app, Duration::from_millis(200)).await;
+
+    let mut client = HttpClient::connect(a.route(0)).await.unwrap();
+    assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    eventually(
+        "the sidecar closes its idle app connection",
+        Duration::from_secs(10),
+        async || seen.closed.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    // The next request gets a new connection to the app.
+    assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+    a.stop().await;
+    b.stop().await;
+}
