@@ -142,9 +142,11 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime, all threads
 
 
-def rss_mib(pid):
+def rss_mib(pid, field="VmRSS"):
+    """Resident memory (MiB); field="RssAnon": the anonymous part, the process's own (the rest is
+    file pages: the executable and libraries, shared by every process that maps them)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -435,6 +437,7 @@ def run_wrk(procs, setup, conns, dur, script=None, sample_rss=False):
     cpu0 = proxies_cpu(setup)
     p = procs.start(name, argv, LOADGEN_CPU)
     rss = {label: 0.0 for label, _ in setup.proxies}
+    anon = dict(rss)
     try:
         deadline = time.monotonic() + dur + 30
         while p.poll() is None and time.monotonic() < deadline:
@@ -442,6 +445,7 @@ def run_wrk(procs, setup, conns, dur, script=None, sample_rss=False):
             if sample_rss:
                 for label, pid in setup.proxies:
                     rss[label] = max(rss[label], rss_mib(pid))
+                    anon[label] = max(anon[label], rss_mib(pid, "RssAnon"))
         if p.poll() is None:
             raise RuntimeError(f"{name} did not finish")
     finally:
@@ -460,6 +464,7 @@ def run_wrk(procs, setup, conns, dur, script=None, sample_rss=False):
         r["cpu_per_10k"] = (cpu1 - cpu0) / max(n, 1) * 10_000
         if sample_rss:
             r["rss_mib"] = rss
+            r["rss_anon_mib"] = anon
     return r
 
 
@@ -491,7 +496,7 @@ def per_round(res, direct):
            "close_ratio": c["rps"] / direct["close"]["rps"], "cpu_1k": f.get("cpu_1k"),
            "cpu_max": m.get("cpu_per_10k"), "cpu_close": c.get("cpu_per_10k")}
     for kind, rss in (("rss_idle_mib", res.get("rss_idle_mib")), ("rss_settled_mib", res.get("rss_settled_mib")),
-                      ("rss_64_mib", m.get("rss_mib"))):
+                      ("rss_64_mib", m.get("rss_mib")), ("rss_64_anon_mib", m.get("rss_anon_mib"))):
         if rss:  # per process, and the larger of the pair (what the per-sidecar target is judged on)
             out.update({f"{kind}/{label}": v for label, v in rss.items()})
             out[kind] = max(rss.values())
@@ -532,6 +537,9 @@ def print_tables(figs, setups, fresh):
            ("RSS @64 conns MiB", "rss_64_mib", 1)])
     print(f"  RSS idle is taken after each setup's last load in a round, and again {SETTLE_S} s later; at start, before any load: "
           + "; ".join(f"{name} {' / '.join(f'{v:.1f}' for v in rss.values())}" for name, rss in fresh.items() if rss))
+    print("  RSS @64 conns, its anonymous part (the process's own memory; the rest is file pages, shared by every "
+          "copy of the executable and libraries on a host): "
+          + "; ".join(f"{s.name} {fmt(figs[s.name].get('rss_64_anon_mib'), 1)}" for s in setups if s.proxies))
 
 
 def check_targets(fig):
