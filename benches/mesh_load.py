@@ -142,13 +142,20 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime, all threads
 
 
-def rss_mib(pid, field="VmRSS"):
-    """Resident memory (MiB); field="RssAnon": the anonymous part, the process's own (the rest is
-    file pages: the executable and libraries, shared by every process that maps them)."""
+def status_mib(pid, fields):
+    """Fields of /proc/PID/status in MiB, in one read. VmRSS: resident memory; RssAnon: its
+    anonymous part, the process's own (the rest is file pages: the executable and libraries,
+    shared by every process that maps them)."""
+    found = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+        key, _, value = line.partition(":")
+        if key in fields:
+            found[key] = int(value.split()[0]) / 1024
+    return [found.get(f, 0.0) for f in fields]
+
+
+def rss_mib(pid):
+    return status_mib(pid, ("VmRSS",))[0]
 
 
 def own_cpu(procs):
@@ -444,8 +451,9 @@ def run_wrk(procs, setup, conns, dur, script=None, sample_rss=False):
             time.sleep(0.25)
             if sample_rss:
                 for label, pid in setup.proxies:
-                    rss[label] = max(rss[label], rss_mib(pid))
-                    anon[label] = max(anon[label], rss_mib(pid, "RssAnon"))
+                    total, own = status_mib(pid, ("VmRSS", "RssAnon"))
+                    rss[label] = max(rss[label], total)
+                    anon[label] = max(anon[label], own)
         if p.poll() is None:
             raise RuntimeError(f"{name} did not finish")
     finally:

@@ -32,8 +32,8 @@ pub struct AppClients {
     h1: DashMap<SocketAddr, Client<AppConnector, Incoming>>,
     h2: DashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<client2::SendRequest<Incoming>>>>>,
     connect_timeout: Duration,
-    /// How long an HTTP/1.1 connection may wait unused in the pool: less than the app's
-    /// own keep-alive timeout, so that the sidecar, not the app, closes it.
+    /// How long an HTTP/1.1 connection may wait unused in the pool and still be used:
+    /// less than the app's own keep-alive timeout, so that no request races the app's close.
     idle: Duration,
 }
 

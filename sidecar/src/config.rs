@@ -96,9 +96,10 @@ pub struct RunArgs {
     /// connections wait this long for a request's headers.
     #[arg(long, env = "MESHLET_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
-    /// A keep-alive HTTP/1.1 connection to the app unused this long is closed. Keep it below
-    /// the app's own keep-alive timeout (Node.js: 5 s), or a request may go out on a
-    /// connection the app is closing and fail; `0`: a new connection per request.
+    /// A keep-alive HTTP/1.1 connection to the app unused this long is not used again (and
+    /// is closed within twice this). Keep it below the app's own keep-alive timeout (Node.js:
+    /// 5 s), or a request may go out on a connection the app is closing and fail; `0`: a new
+    /// connection per request.
     #[arg(long, env = "MESHLET_APP_IDLE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub app_idle_timeout: Duration,
     /// HTTP/2 streams a client may have open on one connection.

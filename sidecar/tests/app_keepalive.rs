@@ -1,6 +1,7 @@
-//! Keep-alive connections from the inbound sidecar to the app: reused while the app's
-//! requests keep coming, and closed by the sidecar once unused for `--app-idle-timeout`,
-//! before an app with a short keep-alive timeout (Node.js: 5 s) closes them itself.
+//! Keep-alive connections from the inbound sidecar to the app: reused while requests keep
+//! coming, never used again once unused for `--app-idle-timeout` (so that no request races
+//! the close of an app with a short keep-alive timeout, such as Node.js's 5 s) and closed;
+//! `0` keeps none.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
@@ -64,13 +65,20 @@ async fn requests_in_a_row_reuse_one_app_connection() {
     let (app, seen) = counting_app().await;
     let (mut a, mut b) = mesh_to(&cp, app, Duration::from_secs(60)).await;
 
-    for _ in 0..3 {
+    for _ in 0..4 {
         // A new app connection each time on the client's side: the server sidecar still
-        // reuses its one connection to the app.
+        // reuses its connection to the app.
         let mut client = HttpClient::connect(a.route(0)).await.unwrap();
         assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
     }
-    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    // One connection, as a rule. hyper-util puts a connection back in its pool from a task
+    // of its own, so on a busy machine a request may find none yet and dial a second one;
+    // four requests on at most two connections still prove reuse.
+    let accepted = seen.accepted.load(Ordering::SeqCst);
+    assert!(
+        accepted <= 2,
+        "{accepted} app connections for 4 requests in a row"
+    );
     assert_eq!(seen.closed.load(Ordering::SeqCst), 0);
     a.stop().await;
     b.stop().await;
@@ -94,6 +102,31 @@ async fn an_app_connection_unused_for_the_idle_timeout_is_closed_by_the_sidecar(
     // The next request gets a new connection to the app.
     assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
     assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_app_idle_timeout_of_zero_keeps_no_app_connection() {
+    let cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let (app, seen) = counting_app().await;
+    let (mut a, mut b) = mesh_to(&cp, app, Duration::ZERO).await;
+
+    let mut client = HttpClient::connect(a.route(0)).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
+    }
+    assert_eq!(
+        seen.accepted.load(Ordering::SeqCst),
+        2,
+        "a new connection per request"
+    );
+    eventually(
+        "the sidecar closes each app connection after its response",
+        Duration::from_secs(10),
+        async || seen.closed.load(Ordering::SeqCst) == 2,
+    )
+    .await;
     a.stop().await;
     b.stop().await;
 }
