@@ -5,31 +5,30 @@ sidecar pair (mutual TLS) and through peer proxies (stunnel, HAProxy L4 and L7),
     python3 benches/mesh_load.py [--rounds 3] [--quick] [--json target/mesh-load.json]
 
 Needs nginx and wrk (Debian: nginx wrk); stunnel4 and haproxy are optional peers. The
-fixed-rate latency test uses its own open-loop client (fixed_rate_client). Needs
+fixed-rate latency test uses its own open-loop client (fixed_rate.py). Needs
 target/dist/meshlet-control, meshlet-proxy and meshletctl (`cargo build --profile dist`, as the image).
 Every process it starts is stopped at the end, also on error, Ctrl-C or SIGTERM. See
 benches/README.md for what each figure means and how it is measured.
 """
 import argparse
-import collections
 import datetime
-import gc
 import http.client
 import json
 import os
 import re
 import resource
-import select
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from fixed_rate import fixed_rate_client
+from mesh_report import check_targets, figures, print_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b"x" * 63 + b"\n"  # 64 bytes
@@ -48,17 +47,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # memory back a while after a burst (meshlet's sidecars do every 10 s).
 SETTLE_S = 12
 
-# (key, label, bound, "max" = value must be at most bound / "min" = at least)
-TARGETS = [
-    ("added_p50_ms", "added p50 at 1,000 rps (ms)", 0.25, "max"),
-    ("added_p99_ms", "added p99 at 1,000 rps (ms)", 0.6, "max"),
-    ("cpu_1k", "CPU-s per 10k requests at 1,000 rps (both sidecars)", 1.4, "max"),
-    ("cpu_max", "CPU-s per 10k requests at max load (both sidecars)", 0.75, "max"),
-    ("max_ratio", "max keep-alive rps, share of direct", 0.35, "min"),
-    ("close_ratio", "new connections/s, share of direct", 0.45, "min"),
-    ("rss_idle_mib", "RSS per sidecar idle after load (MiB, larger of the two)", 6, "max"),
-    ("rss_64_mib", "RSS per sidecar at 64 connections (MiB, larger)", 10, "max"),
-]
 
 
 # ---------------------------------------------------------------- processes
@@ -327,102 +315,13 @@ def proxies_cpu(setup):
     return sum(cpu_seconds(pid) for _, pid in setup.proxies)
 
 
-def fixed_rate_client(port, seconds, warmup, on_window):
-    """Open loop: request i is due at t0 + i/RATE and goes out on the next idle keep-alive
-    connection (round robin over LAT_CONNS), or waits for one; its latency runs from the due
-    time to the response's last byte, so queueing anywhere counts. The loop polls without
-    sleeping (epoll with timeout 0) on the load generator's core, so sends are on time to
-    microseconds; on_window(0) and on_window(1) mark the measured window (after the warm-up)."""
-    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    ep, conns, idle = select.epoll(), {}, collections.deque()
-
-    def connect():
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.setblocking(False)
-        ep.register(s.fileno(), select.EPOLLIN)
-        conns[s.fileno()] = {"sock": s, "due": None, "buf": bytearray()}
-        idle.append(s.fileno())
-
-    def replace(fd):
-        ep.unregister(fd)
-        conns.pop(fd)["sock"].close()
-        if fd in idle:
-            idle.remove(fd)
-        connect()
-
-    for _ in range(LAT_CONNS):
-        connect()
-    interval, total = 1 / RATE, int((seconds + warmup) * RATE)
-    t0 = time.perf_counter() + 0.05
-    measured_from = t0 + warmup
-    deadline = t0 + seconds + warmup + 10
-    backlog, lat = collections.deque(), []
-    sent = errors = non_200 = 0
-    in_window = False
-    gc.disable()
-    try:
-        while sent < total or backlog or len(idle) < len(conns):
-            now = time.perf_counter()
-            if now > deadline:
-                errors += len(backlog) + len(conns) - len(idle) + total - sent
-                break
-            if not in_window and now >= measured_from:
-                in_window = True
-                on_window(0)
-            while sent < total and t0 + sent * interval <= now:
-                backlog.append(t0 + sent * interval)
-                sent += 1
-            while backlog and idle:
-                fd = idle.popleft()
-                conns[fd]["due"] = backlog.popleft()
-                try:
-                    conns[fd]["sock"].send(request)
-                except OSError:
-                    errors += 1
-                    replace(fd)
-            for fd, _ in ep.poll(0):
-                c = conns[fd]
-                try:
-                    data = c["sock"].recv(65536)
-                except OSError:
-                    data = b""
-                if not data:  # closed under us: count it, replace the connection
-                    errors += 1
-                    replace(fd)
-                    continue
-                buf = c["buf"]
-                buf += data
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    continue
-                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", buf[:end + 2])
-                if len(buf) < end + 4 + (int(m.group(1)) if m else 0):
-                    continue
-                done_at = time.perf_counter()
-                if c["due"] >= measured_from:
-                    if buf.startswith(b"HTTP/1.1 200"):
-                        lat.append((done_at - c["due"]) * 1000)
-                    else:
-                        non_200 += 1
-                buf.clear()
-                idle.append(fd)
-        on_window(1)
-    finally:
-        gc.enable()
-        for c in conns.values():
-            c["sock"].close()
-        ep.close()
-    return sorted(lat), errors, non_200
-
-
 def measure_fixed_rate(setup, dur, warm):
     marks = {}
 
     def on_window(i):
         marks[i] = (time.perf_counter(), proxies_cpu(setup))
 
-    lat, errors, non_200 = fixed_rate_client(setup.port, dur, warm, on_window)
+    lat, errors, non_200 = fixed_rate_client(setup.port, dur, warm, on_window, RATE, LAT_CONNS)
     if not lat:
         raise RuntimeError(f"fixed-rate client against {setup.name} measured nothing")
     (ta, ca), (tb, cb) = marks[0], marks[1]
@@ -474,98 +373,6 @@ def run_wrk(procs, setup, conns, dur, script=None, sample_rss=False):
             r["rss_mib"] = rss
             r["rss_anon_mib"] = anon
     return r
-
-
-# ---------------------------------------------------------------- report
-
-
-def summarize(vals):
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return None
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
-
-
-def fmt(s, digits=3):
-    if s is None:
-        return "-"
-    f = f"{{:,.{digits}f}}"
-    if len({round(s["min"], digits), round(s["max"], digits)}) == 1:
-        return f.format(s["median"])
-    return f"{f.format(s['median'])} ({f.format(s['min'])}-{f.format(s['max'])})"
-
-
-def per_round(res, direct):
-    """The figures of one setup in one round; ratios and added latency against direct's same round."""
-    f, m, c = res["fixed"], res["max"], res["close"]
-    out = {"p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"], "added_p50_ms": f["p50_ms"] - direct["fixed"]["p50_ms"],
-           "added_p99_ms": f["p99_ms"] - direct["fixed"]["p99_ms"], "max_rps": m["rps"],
-           "max_ratio": m["rps"] / direct["max"]["rps"], "close_cps": c["rps"],
-           "close_ratio": c["rps"] / direct["close"]["rps"], "cpu_1k": f.get("cpu_1k"),
-           "cpu_max": m.get("cpu_per_10k"), "cpu_close": c.get("cpu_per_10k")}
-    for kind, rss in (("rss_idle_mib", res.get("rss_idle_mib")), ("rss_settled_mib", res.get("rss_settled_mib")),
-                      ("rss_64_mib", m.get("rss_mib")), ("rss_64_anon_mib", m.get("rss_anon_mib"))):
-        if rss:  # per process, and the larger of the pair (what the per-sidecar target is judged on)
-            out.update({f"{kind}/{label}": v for label, v in rss.items()})
-            out[kind] = max(rss.values())
-    return out
-
-
-def figures(rounds, setups):
-    """Per setup and figure: median, min and max over the rounds."""
-    out = {}
-    for s in setups:
-        rows = [per_round(rnd[s.name], rnd["direct"]) for rnd in rounds]
-        out[s.name] = {k: summarize([r.get(k) for r in rows]) for k in rows[0]}
-    return out
-
-
-def print_tables(figs, setups, fresh):
-    def table(title, cols):
-        rows = [["setup"] + [c[0] for c in cols]]
-        for s in setups:
-            rows.append([s.name] + [fmt(figs[s.name].get(c[1]), c[2]) for c in cols])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        print(f"\n{title}")
-        for i, r in enumerate(rows):
-            print("  " + " | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-            if i == 0:
-                print("  " + "-+-".join("-" * w for w in widths))
-
-    table(f"Latency at {RATE:,} rps, open loop over {LAT_CONNS} keep-alive connections "
-          "(ms; median (min-max) over rounds)",
-          [("p50", "p50_ms", 3), ("p99", "p99_ms", 3), ("added p50", "added_p50_ms", 3),
-           ("added p99", "added_p99_ms", 3)])
-    table(f"Throughput (wrk -t1 -c{MAX_CONNS} keep-alive; wrk -t1 -c{CLOSE_CONNS} with Connection: close)",
-          [("max req/s", "max_rps", 0), ("of direct", "max_ratio", 2), ("new conn/s", "close_cps", 0),
-           ("of direct", "close_ratio", 2)])
-    table("Proxy cost (CPU: both proxies, CPU-s per 10k requests or connections; RSS: the larger process)",
-          [("@1k rps", "cpu_1k", 3), ("@max", "cpu_max", 3), ("per 10k conns", "cpu_close", 2),
-           ("RSS idle MiB", "rss_idle_mib", 1), (f"{SETTLE_S} s later", "rss_settled_mib", 1),
-           ("RSS @64 conns MiB", "rss_64_mib", 1)])
-    print(f"  RSS idle is taken after each setup's last load in a round, and again {SETTLE_S} s later; at start, before any load: "
-          + "; ".join(f"{name} {' / '.join(f'{v:.1f}' for v in rss.values())}" for name, rss in fresh.items() if rss))
-    print("  RSS @64 conns, its anonymous part (the process's own memory; the rest is file pages, shared by every "
-          "copy of the executable and libraries on a host): "
-          + "; ".join(f"{s.name} {fmt(figs[s.name].get('rss_64_anon_mib'), 1)}" for s in setups if s.proxies))
-
-
-def check_targets(fig):
-    results = []
-    for key, label, bound, kind in TARGETS:
-        if CLIENT_PROXY_CPU != SERVER_CPU:
-            continue  # per-pod pinning: the load generators share a core with the client proxies
-        s = fig.get(key)
-        value = s["median"] if s else None
-        ok = value is not None and (value <= bound if kind == "max" else value >= bound)
-        results.append({"figure": key, "label": label, "target": f"{'<=' if kind == 'max' else '>='} {bound}",
-                        "median": value, "min": s and s["min"], "max": s and s["max"], "met": ok})
-    print("\nmeshlet against its targets (median (min-max) over rounds)"
-          + ("" if CLIENT_PROXY_CPU == SERVER_CPU else ": judged with --pinning shared only"))
-    for r in results:
-        v = "-" if r["median"] is None else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
-        print(f"  {'pass' if r['met'] else 'MISS'}  {r['label']}: {v}, target {r['target']}")
-    return results
 
 
 def mem_detail(pid):
@@ -753,8 +560,9 @@ def main():
         fresh_detail = {label: mem_detail(pid) for label, pid in setups[1].proxies}
         all_rounds, discarded = run_rounds(procs, tmp, setups, rounds, durations, wait_limit)
         figs = figures(all_rounds, setups)
-        print_tables(figs, setups, fresh)
-        targets = check_targets(figs["meshlet"])
+        print_tables(figs, setups, fresh, {"rate": RATE, "lat_conns": LAT_CONNS, "max_conns": MAX_CONNS,
+                                           "close_conns": CLOSE_CONNS, "settle_s": SETTLE_S})
+        targets = check_targets(figs["meshlet"], judged=CLIENT_PROXY_CPU == SERVER_CPU)
         health = meshlet_health(setups[1], tmp)
         health["memory_at_start"] = fresh_detail
     except BaseException:
