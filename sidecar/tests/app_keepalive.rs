@@ -49,84 +49,105 @@ async fn counting_app() -> (SocketAddr, Arc<Seen>) {
     (addr, seen)
 }
 
-/// A client sidecar routing to a server sidecar in front of `app`, whose app connections
-/// may stay unused for `app_idle`.
-async fn mesh_to(cp: &ControlPlane, app: SocketAddr, app_idle: Duration) -> (Sidecar, Sidecar) {
-    let mut b = sidecar_config(cp, cp.token_file("demo", "server"));
-    b.app_addr = Some(app);
-    b.inbound_mode = InboundMode::Strict;
-    b.app_idle_timeout = app_idle;
-    pair_with(cp, b, None).await
+/// A client sidecar routing to a server sidecar in front of a counting app, whose app
+/// connections may stay unused for `app_idle`.
+struct Mesh {
+    _cp: ControlPlane,
+    seen: Arc<Seen>,
+    a: Sidecar,
+    b: Sidecar,
+}
+
+impl Mesh {
+    async fn start(app_idle: Duration) -> Self {
+        let cp = ControlPlane::start(Duration::from_secs(3600)).await;
+        let (app, seen) = counting_app().await;
+        let mut b = sidecar_config(&cp, cp.token_file("demo", "server"));
+        b.app_addr = Some(app);
+        b.inbound_mode = InboundMode::Strict;
+        b.app_idle_timeout = app_idle;
+        let (a, b) = pair_with(&cp, b, None).await;
+        Self {
+            _cp: cp,
+            seen,
+            a,
+            b,
+        }
+    }
+
+    /// One GET from the client's app, over a connection to the client sidecar.
+    async fn get(&self, client: &mut HttpClient) {
+        assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
+    }
+
+    async fn client(&self) -> HttpClient {
+        HttpClient::connect(self.a.route(0)).await.unwrap()
+    }
+
+    fn accepted(&self) -> usize {
+        self.seen.accepted.load(Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> usize {
+        self.seen.closed.load(Ordering::SeqCst)
+    }
+
+    async fn stop(mut self) {
+        self.a.stop().await;
+        self.b.stop().await;
+    }
 }
 
 #[tokio::test]
 async fn requests_in_a_row_reuse_one_app_connection() {
-    let cp = ControlPlane::start(Duration::from_secs(3600)).await;
-    let (app, seen) = counting_app().await;
-    let (mut a, mut b) = mesh_to(&cp, app, Duration::from_secs(60)).await;
-
+    let mesh = Mesh::start(Duration::from_secs(60)).await;
     for _ in 0..4 {
         // A new app connection each time on the client's side: the server sidecar still
         // reuses its connection to the app.
-        let mut client = HttpClient::connect(a.route(0)).await.unwrap();
-        assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
+        mesh.get(&mut mesh.client().await).await;
     }
     // One connection, as a rule. hyper-util puts a connection back in its pool from a task
     // of its own, so on a busy machine a request may find none yet and dial a second one;
     // four requests on at most two connections still prove reuse.
-    let accepted = seen.accepted.load(Ordering::SeqCst);
+    let accepted = mesh.accepted();
     assert!(
         accepted <= 2,
         "{accepted} app connections for 4 requests in a row"
     );
-    assert_eq!(seen.closed.load(Ordering::SeqCst), 0);
-    a.stop().await;
-    b.stop().await;
+    assert_eq!(mesh.closed(), 0);
+    mesh.stop().await;
 }
 
 #[tokio::test]
 async fn an_app_connection_unused_for_the_idle_timeout_is_closed_by_the_sidecar() {
-    let cp = ControlPlane::start(Duration::from_secs(3600)).await;
-    let (app, seen) = counting_app().await;
-    let (mut a, mut b) = mesh_to(&cp, app, Duration::from_millis(200)).await;
-
-    let mut client = HttpClient::connect(a.route(0)).await.unwrap();
-    assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
-    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    let mesh = Mesh::start(Duration::from_millis(200)).await;
+    let mut client = mesh.client().await;
+    mesh.get(&mut client).await;
+    assert_eq!(mesh.accepted(), 1);
     eventually(
         "the sidecar closes its idle app connection",
         Duration::from_secs(10),
-        async || seen.closed.load(Ordering::SeqCst) == 1,
+        async || mesh.closed() == 1,
     )
     .await;
     // The next request gets a new connection to the app.
-    assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
-    assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
-    a.stop().await;
-    b.stop().await;
+    mesh.get(&mut client).await;
+    assert_eq!(mesh.accepted(), 2);
+    mesh.stop().await;
 }
 
 #[tokio::test]
 async fn an_app_idle_timeout_of_zero_keeps_no_app_connection() {
-    let cp = ControlPlane::start(Duration::from_secs(3600)).await;
-    let (app, seen) = counting_app().await;
-    let (mut a, mut b) = mesh_to(&cp, app, Duration::ZERO).await;
-
-    let mut client = HttpClient::connect(a.route(0)).await.unwrap();
-    for _ in 0..2 {
-        assert_eq!(client.get("/").await.unwrap(), (200, "ok".to_owned()));
-    }
-    assert_eq!(
-        seen.accepted.load(Ordering::SeqCst),
-        2,
-        "a new connection per request"
-    );
+    let mesh = Mesh::start(Duration::ZERO).await;
+    let mut client = mesh.client().await;
+    mesh.get(&mut client).await;
+    mesh.get(&mut client).await;
+    assert_eq!(mesh.accepted(), 2, "a new connection per request");
     eventually(
         "the sidecar closes each app connection after its response",
         Duration::from_secs(10),
-        async || seen.closed.load(Ordering::SeqCst) == 2,
+        async || mesh.closed() == 2,
     )
     .await;
-    a.stop().await;
-    b.stop().await;
+    mesh.stop().await;
 }
