@@ -7,17 +7,22 @@
 # The chart (charts/meshlet) runs the control plane from it and injects it into pods.
 
 # ---- build
-FROM rust:1-bookworm AS build
+# The toolchain benches/link_order.py wrote sidecar/link-order.txt with: symbol names carry a
+# hash of the compiler version, so another one would link the sidecar without that order.
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 # The whole workspace (cargo needs every member's manifest); .dockerignore leaves target/ out.
 COPY . .
-# Caches survive between builds (BuildKit); the binaries are copied out of the cached target.
+# Caches survive between builds (BuildKit); the binaries are copied out of the cached target
+# and stripped of their symbol tables there (the dist profile keeps them for the sidecar's link
+# order, sidecar/build.rs; stripping after the link leaves the code where the linker put it).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --locked --profile dist -p meshlet-control -p meshlet-proxy -p meshletctl \
  && mkdir -p /out \
- && cp target/dist/meshlet-control target/dist/meshlet-proxy target/dist/meshletctl /out/
+ && cp target/dist/meshlet-control target/dist/meshlet-proxy target/dist/meshletctl /out/ \
+ && strip /out/*
 
 # ---- runtime
 FROM debian:bookworm-slim

@@ -406,6 +406,15 @@ def meshlet_health(setup, tmp):
     return health
 
 
+def link_order_present(binary):
+    """(functions of sidecar/link-order.txt the sidecar has, listed): fewer when the list is stale
+    (another toolchain, other dependency versions or packages built together; benches/link_order.py)."""
+    lines = (ROOT / "sidecar" / "link-order.txt").read_text().splitlines()
+    listed = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    out = subprocess.run(["nm", "--defined-only", str(binary)], capture_output=True, text=True).stdout
+    return len(listed & {line.split()[-1] for line in out.splitlines() if line.strip()}), len(listed)
+
+
 def machine_info():
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown")
@@ -536,6 +545,8 @@ def main():
         os.sched_setaffinity(0, {int(LOADGEN_CPU)})  # keep this script off the proxies' core
 
     machine = machine_info()
+    machine["link_order_present"] = link_order_present(bins / "meshlet-proxy")
+    print("sidecar link order: {} of {} listed functions in the executable".format(*machine["link_order_present"]))
     b0, t0 = cpu_times()
     time.sleep(2)
     b1, t1 = cpu_times()
