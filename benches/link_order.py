@@ -121,11 +121,37 @@ def sampled(path, binary_name):
     return counts
 
 
+def check(binary):
+    """None if the binary has the listed functions, the first of them where the code starts, and
+    packed relocations; else what is wrong."""
+    present, listed = m.link_order_present(binary)
+    print(f"{binary}: {present} of {listed} listed functions")
+    if present < 0.9 * listed:
+        return ("the link order is stale (another toolchain, dependency versions, or packages not "
+                "built together): write it again with benches/link_order.py (benches/README.md)")
+    first = next(line.strip() for line in (ROOT / "sidecar" / "link-order.txt").read_text().splitlines()
+                 if line.strip() and not line.startswith("#"))
+    code = [line.split() for line in subprocess.run(["nm", "-n", "--defined-only", str(binary)],
+                                                      capture_output=True, text=True).stdout.splitlines()]
+    code = [fields[2] for fields in code if len(fields) == 3 and fields[1] in "tTwW"]
+    if not code or code[0] != first:
+        return f"the code does not start with {first} but {code[:1]}: the linker did not take the order"
+    dynamic = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True).stdout
+    if "(RELR)" not in dynamic:
+        return "no packed relative relocations (DT_RELR) in the dynamic section"
+    print("the code starts with the listed functions; relative relocations packed")
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bins", type=pathlib.Path, default=ROOT / "target" / "dist")
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "sidecar" / "link-order.txt")
+    ap.add_argument("--check", action="store_true",
+                    help="only check that the sidecar in --bins was linked in the list's order (CI)")
     args = ap.parse_args()
+    if args.check:
+        sys.exit(check(args.bins / "meshlet-proxy"))
     for tool in ("valgrind", "wrk", "nginx", "nm"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed (Debian: apt-get install {tool})")

@@ -5,7 +5,8 @@
 //!   (`text/plain; version=0.0.4`), the format `promtool check metrics` reads.
 //! - [`admin`]: the small HTTP/1.1 server behind both admin APIs, and response helpers.
 //! - [`process`]: logging setup, the shutdown signal, accepting connections.
-//! - [`memory`]: handing memory the allocator keeps after a burst back to the system.
+//! - [`memory`]: handing memory the allocator keeps after a burst back to the system; `pow`,
+//!   so that glibc's libm is never loaded.
 //! - [`promtool`]: `promtool check metrics`, as the tests run it.
 //! - [`traces`]: OpenTelemetry traces over OTLP (gRPC or HTTP/protobuf) from `OTEL_*`
 //!   variables, exported off the data path.
