@@ -3,7 +3,8 @@
 
     cargo build --profile dist -p meshlet-control -p meshlet-proxy -p meshletctl
     python3 benches/link_order.py
-    cargo build --profile dist -p meshlet-proxy     # links again, in that order
+    cargo build --profile dist -p meshlet-control -p meshlet-proxy -p meshletctl   # in order
+    python3 benches/link_order.py --check   # what CI runs: was the sidecar linked in order?
 
 sidecar/build.rs hands the list to the linker (lld's --symbol-ordering-file), which puts these
 functions together at the start of the code. The kernel maps a sidecar's code 64 KB around
@@ -12,16 +13,21 @@ all of it ends up resident. Together, they take about half.
 
 How: the mesh_load.py pair (control plane, client and server sidecars, nginx) with both
 sidecars under valgrind's callgrind, driven through what a sidecar does in a pod: start-up
-and identity, keep-alive and one-request-per-connection HTTP through mutual TLS, metrics and
-health probes, a memory trim, a graceful stop. Each function's own instruction count ranks
-it. Needs valgrind and wrk, and a dist build with its symbol table (the profile keeps it).
+and identity, HTTP through mutual TLS at a steady rate, at full speed over keep-alive
+connections and with one request per connection, metrics and health probes, a memory trim,
+a graceful stop; once on one core and once on two (Tokio's two schedulers). Each function's
+own instruction count ranks it. Then the same natively under perf, for the assembly AWS-LC picks only on the real CPU.
+Needs valgrind and wrk (perf optional), and a dist build with its symbol table (the profile
+keeps it).
 
-Symbol names carry a hash of the compiler version, the profile and each crate's version: after
-a toolchain or dependency update most names no longer match, and the linker leaves them where
+Symbol names carry a hash of the compiler version, the profile, and each crate's version and
+features (so build the three packages together, as the image does): after a toolchain or
+dependency update most names no longer match, and the linker leaves those functions where
 they were (no error, the old layout). Run this again then; benches/README.md shows the effect.
 """
 import argparse
 import collections
+import os
 import pathlib
 import re
 import shutil
@@ -31,27 +37,26 @@ import tempfile
 import time
 
 import mesh_load as m
+from mesh_report import link_order_missing
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+ORDER = ROOT / "sidecar" / "link-order.txt"
 SIDES = ("client", "server")
-START = m.Procs.start
+TOP = 500  # the hottest entries, which --check wants all present
 
 
-def wrap_sidecars(prefix):
-    """Starts each sidecar of mesh_load's pair under prefix(side) + its command line."""
-
-    def start_wrapped(self, name, argv, cpu=None, env=None):
-        side = name.removeprefix("meshlet-")
-        return START(self, name, (prefix(side) if side in SIDES else []) + argv, cpu, env)
-
-    m.Procs.start = start_wrapped
-
-
-def run_pair(bins, prefix):
-    """The pair, its sidecars started under prefix, driven, stopped; returns its directory."""
+def run_pair(bins, prefix, pin):
+    """The pair with each sidecar started under prefix(side, dir), driven, stopped; returns the
+    directory with its logs and the files the wrappers wrote. Pinned to one core, as
+    mesh_load.py runs them, a sidecar runs Tokio's current-thread scheduler; on two, its
+    multi-thread one: each has its own copies of the task code."""
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="meshlet-order-"))
-    wrap_sidecars(lambda side: prefix(side, tmp))
-    procs = m.Procs(tmp, False)
+
+    def wrap(name, argv):
+        side = name.removeprefix("meshlet-")
+        return prefix(side, tmp) + argv if side in SIDES else argv
+
+    procs = m.Procs(tmp, pin and (os.cpu_count() or 1) >= 2, wrap)
     try:
         backend = m.start_nginx(procs, tmp)
         setup = m.start_meshlet(procs, tmp, bins, backend)
@@ -65,8 +70,9 @@ def drive(procs, setup, tmp):
     """What a sidecar does in a pod, each part bounded in time."""
     for _ in range(20):
         m.backend_answers(setup.port)
-    m.run_wrk(procs, setup, m.MAX_CONNS, 3)
-    m.run_wrk(procs, setup, m.CLOSE_CONNS, 2, script=m.write_close_lua(tmp))
+    m.measure_fixed_rate(setup, 3, 1)  # mesh_load's three loads: a steady 1,000 rps ...
+    m.run_wrk(procs, setup, m.MAX_CONNS, 3)  # ... as many as fit, keep-alive ...
+    m.run_wrk(procs, setup, m.CLOSE_CONNS, 3, script=m.write_close_lua(tmp))  # ... a connection each
     for port in setup.admin.values():
         for path in ("/metrics", "/ready", "/live"):
             m.http_get(port, path, timeout=10)
@@ -79,21 +85,30 @@ def self_cost(path, binary_name):
     names = {"ob": {}, "fn": {}, "file": {}}
     cost = collections.Counter()
     ob = fn = None
+    npos, ir = 1, 0  # positions per cost line, and the index of the Ir event after them
     after_calls = False
     for line in open(path, errors="replace"):
         key, _, rest = line.partition("=")
         if key in ("ob", "cob", "fn", "cfn", "fl", "fi", "fe", "cfi", "cfl"):
-            # "(id) name" the first time, "(id)" after (callgrind's name compression)
+            # "(id) name" the first time, "(id)" after (name compression), or a plain name
             ref = re.match(r"\((\d+)\)\s*(.*)", rest.strip())
-            if ref is None:
-                continue
             table = names[kinds.get(key, "file")]
-            if ref.group(2):
-                table[ref.group(1)] = ref.group(2)
+            if ref is None:
+                value = rest.strip()
+            else:
+                if ref.group(2):
+                    table[ref.group(1)] = ref.group(2)
+                value = table.get(ref.group(1))
             if key == "ob":
-                ob = table.get(ref.group(1))
+                ob = value
             elif key == "fn":
-                fn = table.get(ref.group(1))
+                fn = re.sub(r"'\d+$", "", value or "")  # a recursion level: name'2
+            continue
+        if line.startswith("positions:"):
+            npos = len(line.split()) - 1  # "line" by default; "instr line" with --dump-instr
+            continue
+        if line.startswith("events:"):
+            ir = line.split()[1:].index("Ir")
             continue
         if key == "calls":
             after_calls = True
@@ -104,8 +119,8 @@ def self_cost(path, binary_name):
         if after_calls:  # the inclusive cost of a call, counted in the callee
             after_calls = False
             continue
-        if ob is not None and ob.endswith("/" + binary_name) and fn:
-            cost[fn] += int(fields[-1])
+        if ob is not None and ob.endswith("/" + binary_name) and fn and len(fields) > npos + ir:
+            cost[fn] += int(fields[npos + ir])
     return cost
 
 
@@ -121,32 +136,44 @@ def sampled(path, binary_name):
     return counts
 
 
+def list_rustc():
+    """The rustc version the list was written with ("1.95.0"), from its header."""
+    header = ORDER.read_text().split("\n", 3)[:3]
+    found = [h.group(1) for h in (re.search(r"rustc (\S+)", line) for line in header) if h]
+    return found[0] if found else ""
+
+
 def check(binary):
-    """None if the binary has the listed functions, the first of them where the code starts, and
-    packed relocations; else what is wrong."""
-    present, listed = m.link_order_present(binary)
-    print(f"{binary}: {present} of {listed} listed functions")
-    if present < 0.9 * listed:
-        return ("the link order is stale (another toolchain, dependency versions, or packages not "
-                "built together): write it again with benches/link_order.py (benches/README.md)")
-    first = next(line.strip() for line in (ROOT / "sidecar" / "link-order.txt").read_text().splitlines()
-                 if line.strip() and not line.startswith("#"))
-    code = [line.split() for line in subprocess.run(["nm", "-n", "--defined-only", str(binary)],
-                                                      capture_output=True, text=True).stdout.splitlines()]
-    code = [fields[2] for fields in code if len(fields) == 3 and fields[1] in "tTwW"]
-    if not code or code[0] != first:
-        return f"the code does not start with {first} but {code[:1]}: the linker did not take the order"
+    """None if the binary was linked in the list's order with packed relocations, else what is
+    wrong. A build with another compiler than the list's is not checked (the image pins it)."""
+    wanted = list_rustc()
+    here = subprocess.run(["rustc", "-V"], capture_output=True, text=True).stdout.split()
+    if wanted and here[1:2] != [wanted]:
+        print(f"not checked: the list is for rustc {wanted}, this is {' '.join(here)} (the Dockerfile pins the list's)")
+        return None
+    names, missing = link_order_missing(binary)
+    print(f"{binary}: {len(names) - len(missing)} of {len(names)} listed functions")
+    if set(missing) & set(names[:TOP]) or len(missing) > 0.01 * len(names):
+        return ("the link order is stale (another toolchain, dependency versions, or packages not built "
+                f"together; missing: {missing[:3]}): write it again with benches/link_order.py")
+    out = subprocess.run(["nm", "-n", "--defined-only", str(binary)], capture_output=True, text=True).stdout
+    code = [f[2] for f in map(str.split, out.splitlines()) if len(f) == 3 and f[1] in "tTwW"]
+    if not code or code[0] != names[0]:
+        return f"the code does not start with {names[0]} but {code[:1]}: the linker did not take the order"
+    ldd = subprocess.run(["ldd", "--version"], capture_output=True, text=True).stdout.split("\n")[0].split()
+    version = re.match(r"^(\d+)\.(\d+)$", ldd[-1]) if ldd else None
+    relr = version is not None and (int(version.group(1)), int(version.group(2))) >= (2, 36)
     dynamic = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True).stdout
-    if "(RELR)" not in dynamic:
-        return "no packed relative relocations (DT_RELR) in the dynamic section"
-    print("the code starts with the listed functions; relative relocations packed")
+    if relr and "(RELR)" not in dynamic:
+        return "no packed relative relocations (DT_RELR) in the dynamic section, with glibc 2.36 here"
+    print("the code starts with the listed functions" + ("; relative relocations packed" if relr else ""))
     return None
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bins", type=pathlib.Path, default=ROOT / "target" / "dist")
-    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "sidecar" / "link-order.txt")
+    ap.add_argument("--out", type=pathlib.Path, default=ORDER)
     ap.add_argument("--check", action="store_true",
                     help="only check that the sidecar in --bins was linked in the list's order (CI)")
     args = ap.parse_args()
@@ -163,20 +190,23 @@ def main():
 
     # Every function that runs, however briefly, under callgrind (which reports the CPU as
     # one without AVX-512 and SHA extensions, so AWS-LC picks other assembly there) ...
-    cg = run_pair(args.bins, lambda side, tmp: [
-        "valgrind", "--tool=callgrind", "--demangle=no", f"--callgrind-out-file={tmp / side}.cg"])
     total = collections.Counter()
-    for side in SIDES:
-        if not (cg / f"{side}.cg").exists():
-            sys.exit(f"callgrind wrote no {cg / side}.cg: see {cg}/meshlet-{side}.log")
-        total.update(self_cost(cg / f"{side}.cg", "meshlet-proxy"))
+    for pin in (True, False):
+        cg = run_pair(args.bins, lambda side, tmp: [
+            "valgrind", "--tool=callgrind", "--demangle=no", f"--callgrind-out-file={tmp / side}.cg"], pin)
+        for side in SIDES:
+            if not (cg / f"{side}.cg").exists():
+                sys.exit(f"callgrind wrote no {cg / side}.cg: see {cg}/meshlet-{side}.log")
+            total.update(self_cost(cg / f"{side}.cg", "meshlet-proxy"))
+        shutil.rmtree(cg)
     # ... and the functions sampled natively at full speed, after them.
     if shutil.which("perf"):
         native = run_pair(args.bins, lambda side, tmp: [
-            "perf", "record", "-q", "-e", "cpu-clock", "-F", "20000", "-o", f"{tmp / side}.perf", "--"])
+            "perf", "record", "-q", "-e", "cpu-clock", "-F", "20000", "-o", f"{tmp / side}.perf", "--"], True)
         samples = collections.Counter()
         for side in SIDES:
             samples.update(sampled(native / f"{side}.perf", "meshlet-proxy"))
+        shutil.rmtree(native)
         extra = {name: n for name, n in samples.items() if name not in total}
         print(f"perf: {len(extra)} functions sampled natively that callgrind did not see")
         low = min(total.values(), default=1)
@@ -185,6 +215,8 @@ def main():
     else:
         print("perf not found: the list has only what ran under callgrind")
     ordered = [name for name, _ in total.most_common() if name in known]
+    if len(ordered) < 1000:
+        sys.exit(f"only {len(ordered)} functions of the sidecar ran: not writing {args.out}")
     rustc = subprocess.run(["rustc", "-V"], capture_output=True, text=True).stdout.strip()
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()

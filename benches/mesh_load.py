@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from fixed_rate import fixed_rate_client
-from mesh_report import check_targets, figures, print_tables
+from mesh_report import check_targets, figures, link_order_missing, print_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b"x" * 63 + b"\n"  # 64 bytes
@@ -55,10 +55,12 @@ SETTLE_S = 12
 class Procs:
     """Every process started, each in its own session (process group), stopped together."""
 
-    def __init__(self, tmp, pin):
-        self.tmp, self.pin, self.live = tmp, pin, []
+    def __init__(self, tmp, pin, wrap=None):
+        self.tmp, self.pin, self.wrap, self.live = tmp, pin, wrap, []
 
     def start(self, name, argv, cpu=None, env=None):
+        if self.wrap is not None:  # wrap(name, argv) -> argv: under a profiler (link_order.py)
+            argv = self.wrap(name, argv)
         if cpu is not None and self.pin:
             argv = ["taskset", "-c", cpu] + argv
         log = open(self.tmp / f"{name}.log", "wb")
@@ -406,15 +408,6 @@ def meshlet_health(setup, tmp):
     return health
 
 
-def link_order_present(binary):
-    """(functions of sidecar/link-order.txt the sidecar has, listed): fewer when the list is stale
-    (another toolchain, other dependency versions or packages built together; benches/link_order.py)."""
-    lines = (ROOT / "sidecar" / "link-order.txt").read_text().splitlines()
-    listed = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
-    out = subprocess.run(["nm", "--defined-only", str(binary)], capture_output=True, text=True).stdout
-    return len(listed & {line.split()[-1] for line in out.splitlines() if line.strip()}), len(listed)
-
-
 def machine_info():
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown")
@@ -545,7 +538,8 @@ def main():
         os.sched_setaffinity(0, {int(LOADGEN_CPU)})  # keep this script off the proxies' core
 
     machine = machine_info()
-    machine["link_order_present"] = link_order_present(bins / "meshlet-proxy")
+    listed, missing = link_order_missing(bins / "meshlet-proxy")
+    machine["link_order_present"] = [len(listed) - len(missing), len(listed)]
     print("sidecar link order: {} of {} listed functions in the executable".format(*machine["link_order_present"]))
     b0, t0 = cpu_times()
     time.sleep(2)

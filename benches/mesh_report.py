@@ -1,6 +1,10 @@
 """What mesh_load.py reports: each figure's median and spread over the rounds, the tables,
-and meshlet's targets (see benches/README.md)."""
+meshlet's targets (see benches/README.md), and whether the sidecar was linked in order."""
 import statistics
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # (key, label, bound, "max" = value must be at most bound / "min" = at least)
 TARGETS = [
@@ -106,3 +110,13 @@ def check_targets(fig, judged):
         v = "-" if r["median"] is None else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
         print(f"  {'pass' if r['met'] else 'MISS'}  {r['label']}: {v}, target {r['target']}")
     return results
+
+
+def link_order_missing(binary):
+    """The functions of sidecar/link-order.txt, in order, and those the sidecar lacks: some when
+    the list is stale (another toolchain, dependency versions or packages built together)."""
+    lines = (ROOT / "sidecar" / "link-order.txt").read_text().splitlines()
+    listed = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    out = subprocess.run(["nm", "--defined-only", str(binary)], capture_output=True, text=True).stdout
+    have = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    return listed, [name for name in listed if name not in have]
