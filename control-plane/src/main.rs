@@ -36,8 +36,10 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     tracing::info!(?config, "starting");
-    tokio::spawn(meshlet_telemetry::memory::release_periodically(
+    // Without an activity count: a release every ten seconds.
+    tokio::spawn(meshlet_telemetry::memory::release_when_quiet(
         meshlet_telemetry::memory::RELEASE_INTERVAL,
+        || 0,
     ));
     let mut listeners = Listeners::bind(config.grpc_addr, config.admin_addr)
         .await

@@ -276,5 +276,6 @@ async fn forward(
         .request_duration
         .get_or_create(&DirectionLabels { direction })
         .observe(started.elapsed().as_secs_f64());
+    ctx.metrics.activity.inc();
     response
 }

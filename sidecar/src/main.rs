@@ -95,9 +95,6 @@ async fn run(mut config: Box<RunArgs>) -> anyhow::Result<()> {
         _ => "multi_thread",
     };
     tracing::info!(?config, scheduler, workers, "starting");
-    tokio::spawn(meshlet_telemetry::memory::release_periodically(
-        meshlet_telemetry::memory::RELEASE_INTERVAL,
-    ));
     let listeners = Listeners::bind(&config)
         .await
         .context("binding listeners")?;
@@ -107,6 +104,11 @@ async fn run(mut config: Box<RunArgs>) -> anyhow::Result<()> {
         meshlet_telemetry::process::shutdown_signal(),
     )
     .await?;
+    let metrics = running.metrics.clone();
+    tokio::spawn(meshlet_telemetry::memory::release_when_quiet(
+        meshlet_telemetry::memory::CHECK_INTERVAL,
+        move || metrics.activity.get(),
+    ));
     running.wait().await;
     Ok(())
 }

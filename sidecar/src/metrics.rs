@@ -183,6 +183,9 @@ pub struct Metrics {
     pub rotations: Family<RotationLabels, Counter>,
     pub traces: meshlet_telemetry::traces::TraceCounters,
     pub authz: Family<AuthzLabels, Counter>,
+    /// Connections and requests so far, not exported: the memory release looks at it to
+    /// notice when traffic stops (`meshlet_telemetry::memory::release_when_quiet`).
+    pub activity: Counter,
 }
 
 impl Default for Metrics {
@@ -199,6 +202,7 @@ impl Default for Metrics {
             rotations: Family::default(),
             traces: Default::default(),
             authz: Family::default(),
+            activity: Counter::default(),
         }
     }
 }
@@ -360,6 +364,7 @@ impl ConnRecord {
                 tls: tls.is_some(),
             })
             .inc();
+        metrics.activity.inc();
         Self {
             metrics,
             events,

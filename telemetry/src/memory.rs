@@ -4,15 +4,23 @@
 //! burst of connections, the freed buffers below whatever is still live stay resident, so a
 //! sidecar would keep its peak footprint for as long as it runs. [`release_free_memory`]
 //! asks glibc for all of it back (`malloc_trim(0)`, which `madvise`s the free pages of every
-//! arena), and [`release_periodically`] does that on a timer. [`pow`] keeps glibc's libm, and
-//! the 0.5-0.6 MiB it makes resident, out of the process.
+//! arena), and [`release_when_quiet`] does that as soon as traffic stops, and at least every
+//! [`RELEASE_INTERVAL`]. [`pow`] keeps glibc's libm, and the 0.5-0.6 MiB it makes resident,
+//! out of the process.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How often the binaries hand freed memory back. A trim holds the thread that runs it: on a
-/// sidecar under full load (a heap of a few MiB) it took 14-414 µs (benches/README.md), so
-/// at most one request in ten seconds waits that long.
+/// The longest the binaries keep freed memory while busy. A trim holds the thread that runs
+/// it: on a sidecar under full load (a heap of a few MiB) it took 14-414 µs
+/// (benches/README.md), so under steady load at most one request in ten seconds waits that
+/// long.
 pub const RELEASE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often [`release_when_quiet`] looks at the activity count. A check with no new activity
+/// after some counts as quiet: the memory a burst left comes back within half a second of its
+/// end, when no request is waiting for the thread. Four checks a second are an atomic load
+/// each.
+pub const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Returns the allocator's free pages to the kernel; true if any were returned. A no-op
 /// (false) where the C library is not glibc.
@@ -48,20 +56,74 @@ pub extern "C" fn pow(x: f64, y: f64) -> f64 {
     libm::pow(x, y)
 }
 
-/// Calls [`release_free_memory`] every `interval`, for as long as the runtime runs.
-pub async fn release_periodically(interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
+/// Whether to hand freed memory back at a check: when there was activity since the last
+/// release and none since the last check (traffic stopped), or when the last release is
+/// `RELEASE_INTERVAL` old, whatever the activity (steady load, or traffic the count does not
+/// see, such as bytes on long-lived connections).
+pub fn should_release(
+    active_since_release: bool,
+    active_since_check: bool,
+    since_release: Duration,
+) -> bool {
+    since_release >= RELEASE_INTERVAL || (active_since_release && !active_since_check)
+}
+
+/// Calls [`release_free_memory`] as [`should_release`] says, checking every `check`
+/// ([`CHECK_INTERVAL`]), for as long as the runtime runs. `activity` is a count that grows
+/// with the work done (a sidecar's connections and requests); with one that never changes
+/// (`|| 0`) and `check` at [`RELEASE_INTERVAL`], a release every ten seconds and no other
+/// wake-up.
+pub async fn release_when_quiet(check: Duration, activity: impl Fn() -> u64) {
+    let mut tick = tokio::time::interval(check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let (mut seen, mut released_at, mut active_since_release) = (activity(), Instant::now(), false);
     loop {
         tick.tick().await;
-        let started = std::time::Instant::now();
+        let now = activity();
+        let active_since_check = now != seen;
+        seen = now;
+        active_since_release |= active_since_check;
+        if !should_release(
+            active_since_release,
+            active_since_check,
+            released_at.elapsed(),
+        ) {
+            continue;
+        }
+        let started = Instant::now();
         let released = release_free_memory();
+        (released_at, active_since_release) = (Instant::now(), false);
         tracing::debug!(
             released,
             took_us = started.elapsed().as_micros(),
             "freed memory handed back"
         );
+    }
+}
+
+#[cfg(test)]
+mod decision {
+    use super::*;
+
+    #[test]
+    fn releases_when_traffic_stops_and_at_least_every_interval() {
+        let (soon, late) = (Duration::from_secs(1), RELEASE_INTERVAL);
+        // (active since the last release, active since the last check, since the last release, release?)
+        let table = [
+            (false, false, soon, false), // idle, nothing to give back
+            (true, true, soon, false),   // busy: keep the memory the next requests will use
+            (true, false, soon, true),   // traffic stopped: give back what it left
+            (true, true, late, true),    // busy for ten seconds: give back anyway
+            (false, false, late, true),  // unseen traffic: the periodic release still runs
+        ];
+        for (since_release, since_check, elapsed, want) in table {
+            assert_eq!(
+                should_release(since_release, since_check, elapsed),
+                want,
+                "active since release {since_release}, since check {since_check}, {elapsed:?}"
+            );
+        }
     }
 }
 
