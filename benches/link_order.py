@@ -16,7 +16,9 @@ sidecars under valgrind's callgrind, driven through what a sidecar does in a pod
 and identity, HTTP through mutual TLS at a steady rate, at full speed over keep-alive
 connections and with one request per connection, metrics and health probes, a memory trim,
 a graceful stop; once on one core and once on two (Tokio's two schedulers). Each function's
-own instruction count ranks it. Then the same natively under perf, for the assembly AWS-LC picks only on the real CPU.
+own instruction count ranks it. Then the same natively under perf, for the assembly AWS-LC picks
+only on the real CPU, and once more recording page faults, for the functions whose code the
+kernel had to map although they were not listed (run it again after relinking to find more).
 Needs valgrind and wrk (perf optional), and a dist build with its symbol table (the profile
 keeps it).
 
@@ -136,6 +138,21 @@ def sampled(path, binary_name):
     return counts
 
 
+def faulted(path, binary_name):
+    """[symbol] of the given object's functions that took a page fault on their own code, in
+    order, from a `perf record -e page-faults -d` file (an instruction fetch: the faulting
+    address is the instruction's)."""
+    out = subprocess.run(["perf", "script", "-i", str(path), "-F", "addr,ip,sym,dso", "--no-demangle"],
+                         capture_output=True, text=True).stdout
+    names = []
+    for line in out.splitlines():
+        fields = line.split()  # data address, (its symbol and object), instruction address, symbol, (object)
+        if (len(fields) == 6 and fields[0] == fields[3] and fields[5].endswith("/" + binary_name + ")")
+                and fields[4] != "[unknown]" and fields[4] not in names):
+            names.append(fields[4])
+    return names
+
+
 def list_rustc():
     """The rustc version the list was written with ("1.95.0"), from its header."""
     header = ORDER.read_text().split("\n", 3)[:3]
@@ -174,6 +191,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bins", type=pathlib.Path, default=ROOT / "target" / "dist")
     ap.add_argument("--out", type=pathlib.Path, default=ORDER)
+    ap.add_argument("--fresh", action="store_true",
+                    help="do not keep the functions of the current list that did not run this time")
     ap.add_argument("--check", action="store_true",
                     help="only check that the sidecar in --bins was linked in the list's order (CI)")
     args = ap.parse_args()
@@ -212,6 +231,24 @@ def main():
         low = min(total.values(), default=1)
         for rank, (name, _) in enumerate(sorted(extra.items(), key=lambda kv: -kv[1])):
             total[name] = low / (rank + 2)  # after every function callgrind saw
+        # ... and, last, the functions whose own code faulted natively outside the list: each
+        # such fault makes the kernel map its neighbours as well, so one left out costs up to
+        # 64 KB resident. A fault maps pages around the first one touched, so this finds the
+        # first unlisted function in each such window, per run: after a relink, a run of this
+        # script finds the next, and the functions of the current list still in the binary
+        # stay (--fresh drops them).
+        native = run_pair(args.bins, lambda side, tmp: [
+            "perf", "record", "-q", "-e", "page-faults", "-c", "1", "-d", "-o", f"{tmp / side}.perf", "--"], True)
+        faults = [n for side in SIDES for n in faulted(native / f"{side}.perf", "meshlet-proxy")]
+        shutil.rmtree(native)
+        earlier = [] if args.fresh or not ORDER.exists() else [
+            line.strip() for line in ORDER.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        late = list(dict.fromkeys(n for n in faults + earlier if n not in total and n in known))
+        print(f"page faults: {len([n for n in faults if n not in total])} more functions; "
+              f"{len(late)} with those kept from the current list")
+        low = min(total.values(), default=1)
+        for rank, name in enumerate(late):
+            total[name] = low / (len(total) + rank + 2)
     else:
         print("perf not found: the list has only what ran under callgrind")
     ordered = [name for name, _ in total.most_common() if name in known]
