@@ -1,7 +1,7 @@
 //! The mesh end to end in one process (explicit mode, loopback, port 0): HTTP and TCP
 //! through two sidecars over mutual TLS, passthrough, strict mode, identity checks, fail
-//! closed without a certificate, server-first protocols, drain, and a Service's address
-//! balanced over its backends.
+//! closed without a certificate, server-first protocols, drain, a Service's address
+//! balanced over its backends, and the activity count the memory release watches.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
@@ -345,6 +345,35 @@ async fn sidecar_metrics_pass_promtool_after_traffic() {
             );
         }
     }
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+}
+
+/// The count the memory release watches to notice that traffic stopped
+/// (`meshlet_telemetry::memory::release_when_quiet`): connections and requests add to it,
+/// on both sidecars, and nothing does at rest.
+#[tokio::test]
+async fn activity_grows_with_connections_and_requests_and_not_at_rest() {
+    let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
+    let app = http_app("web").await;
+    let (mut a, mut b) = pair(&cp, app, InboundMode::Strict, None).await;
+    let activity = |s: &Sidecar| s.r().metrics.activity.get();
+    let (a0, b0) = (activity(&a), activity(&b));
+    let mut client = HttpClient::connect(a.route(0)).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(client.get("/x").await.unwrap().0, 200);
+    }
+    // A: the app's connection and three requests; B: three requests (and the connection
+    // between the sidecars, unless the pool already had it). Each sidecar counts a request
+    // before it answers it.
+    let (a1, b1) = (activity(&a), activity(&b));
+    assert!(a1 >= a0 + 4, "client sidecar: {a0} -> {a1}");
+    assert!(b1 >= b0 + 3, "server sidecar: {b0} -> {b1}");
+    // At rest (the client's connection open and unused), the count stays where it is.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!((activity(&a), activity(&b)), (a1, b1), "counted at rest");
+    drop(client);
     a.stop().await;
     b.stop().await;
     cp.stop().await;

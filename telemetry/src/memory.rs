@@ -80,9 +80,9 @@ pub async fn release_when_quiet(check: Duration, activity: impl Fn() -> u64) {
     let (mut seen, mut released_at, mut active_since_release) = (activity(), Instant::now(), false);
     loop {
         tick.tick().await;
-        let now = activity();
-        let active_since_check = now != seen;
-        seen = now;
+        let count = activity();
+        let active_since_check = count != seen;
+        seen = count;
         active_since_release |= active_since_check;
         if !should_release(
             active_since_release,
