@@ -244,11 +244,11 @@ def main():
         earlier = [] if args.fresh or not ORDER.exists() else [
             line.strip() for line in ORDER.read_text().splitlines() if line.strip() and not line.startswith("#")]
         late = list(dict.fromkeys(n for n in faults + earlier if n not in total and n in known))
-        print(f"page faults: {len([n for n in faults if n not in total])} more functions; "
+        print(f"page faults: {len(set(faults) - set(total))} more functions; "
               f"{len(late)} with those kept from the current list")
-        low = min(total.values(), default=1)
+        low, after = min(total.values(), default=1), len(total) + 2
         for rank, name in enumerate(late):
-            total[name] = low / (len(total) + rank + 2)
+            total[name] = low / (after + rank)  # after the functions sampled
     else:
         print("perf not found: the list has only what ran under callgrind")
     ordered = [name for name, _ in total.most_common() if name in known]
