@@ -39,10 +39,9 @@ import tempfile
 import time
 
 import mesh_load as m
-from mesh_report import link_order_missing
+from mesh_report import ORDER, defined_symbols, link_order_missing, listed_functions
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ORDER = ROOT / "sidecar" / "link-order.txt"
 SIDES = ("client", "server")
 TOP = 500  # the hottest entries, which --check wants all present
 
@@ -201,11 +200,9 @@ def main():
     for tool in ("valgrind", "wrk", "nginx", "nm"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed (Debian: apt-get install {tool})")
-    symbols = subprocess.run(["nm", "--defined-only", str(args.bins / "meshlet-proxy")],
-                             capture_output=True, text=True)
-    if symbols.returncode or not symbols.stdout:
+    known = defined_symbols(args.bins / "meshlet-proxy")
+    if not known:
         sys.exit(f"{args.bins / 'meshlet-proxy'} has no symbol table: build it with the dist profile")
-    known = {line.split()[-1] for line in symbols.stdout.splitlines()}
 
     # Every function that runs, however briefly, under callgrind (which reports the CPU as
     # one without AVX-512 and SHA extensions, so AWS-LC picks other assembly there) ...
@@ -241,8 +238,7 @@ def main():
             "perf", "record", "-q", "-e", "page-faults", "-c", "1", "-d", "-o", f"{tmp / side}.perf", "--"], True)
         faults = [n for side in SIDES for n in faulted(native / f"{side}.perf", "meshlet-proxy")]
         shutil.rmtree(native)
-        earlier = [] if args.fresh or not ORDER.exists() else [
-            line.strip() for line in ORDER.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        earlier = [] if args.fresh else listed_functions()
         late = list(dict.fromkeys(n for n in faults + earlier if n not in total and n in known))
         print(f"page faults: {len(set(faults) - set(total))} more functions; "
               f"{len(late)} with those kept from the current list")

@@ -112,11 +112,23 @@ def check_targets(fig, judged):
     return results
 
 
+ORDER = ROOT / "sidecar" / "link-order.txt"
+
+
+def listed_functions():
+    """The functions of sidecar/link-order.txt, in order (its `#` lines are the header)."""
+    lines = ORDER.read_text().splitlines() if ORDER.exists() else []
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def defined_symbols(binary):
+    """The names the executable defines (its symbol table; empty when stripped)."""
+    out = subprocess.run(["nm", "--defined-only", str(binary)], capture_output=True, text=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
 def link_order_missing(binary):
     """The functions of sidecar/link-order.txt, in order, and those the sidecar lacks: some when
     the list is stale (another toolchain, dependency versions or packages built together)."""
-    lines = (ROOT / "sidecar" / "link-order.txt").read_text().splitlines()
-    listed = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    out = subprocess.run(["nm", "--defined-only", str(binary)], capture_output=True, text=True).stdout
-    have = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    listed, have = listed_functions(), defined_symbols(binary)
     return listed, [name for name in listed if name not in have]

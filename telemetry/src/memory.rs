@@ -60,7 +60,7 @@ pub extern "C" fn pow(x: f64, y: f64) -> f64 {
 /// release and none since the last check (traffic stopped), or when the last release is
 /// `RELEASE_INTERVAL` old, whatever the activity (steady load, or traffic the count does not
 /// see, such as bytes on long-lived connections).
-pub fn should_release(
+fn should_release(
     active_since_release: bool,
     active_since_check: bool,
     since_release: Duration,
@@ -68,7 +68,7 @@ pub fn should_release(
     since_release >= RELEASE_INTERVAL || (active_since_release && !active_since_check)
 }
 
-/// Calls [`release_free_memory`] as [`should_release`] says, checking every `check`
+/// Calls [`release_free_memory`] as `should_release` says, checking every `check`
 /// ([`CHECK_INTERVAL`]), for as long as the runtime runs. `activity` is a count that grows
 /// with the work done (a sidecar's connections and requests); with one that never changes
 /// (`|| 0`) and `check` at [`RELEASE_INTERVAL`], a release every ten seconds and no other
