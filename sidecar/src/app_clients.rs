@@ -20,6 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::http::{HEADER_TABLE_SIZE, own_values};
 use crate::pool::{ORIG_PROTO, SendError};
 use crate::relay::connect;
 
@@ -107,8 +108,9 @@ impl AppClients {
     async fn send_h2(
         &self,
         app: SocketAddr,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Result<Response<Incoming>, SendError> {
+        own_values(req.headers_mut());
         let slot = self.h2.entry(app).or_default().clone();
         let mut sender = {
             let mut conn = slot.lock().await;
@@ -120,6 +122,7 @@ impl AppClients {
                         .map_err(SendError::AppConnect)?;
                     let (sender, driver) = client2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
+                        .header_table_size(HEADER_TABLE_SIZE)
                         .handshake(TokioIo::new(tcp))
                         .await?;
                     tokio::spawn(driver);
