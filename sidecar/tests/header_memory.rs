@@ -20,8 +20,7 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use meshlet_proxy::inbound::InboundMode;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -58,30 +57,20 @@ async fn numbering_app() -> SocketAddr {
     addr
 }
 
-/// Sends `GET /` with `x-request-id: id` on a keep-alive connection and reads the answer.
-async fn get(conn: &mut TcpStream, id: u64) {
-    let request = format!("GET / HTTP/1.1\r\nhost: app\r\nx-request-id: {id}\r\n\r\n");
-    conn.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = conn.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
-        answer.extend_from_slice(&chunk[..n]);
-        if answer.starts_with(b"HTTP/1.1 200") && answer.ends_with(b"\r\n\r\nok") {
-            return;
-        }
-    }
-}
-
-/// The requests numbered `ids` on one connection through the mesh, then the connection
-/// closed, and the app's pooled connections too (closed after 200 ms unused).
+/// The requests numbered `ids`, each with its number in `x-request-id`, on one connection
+/// through the mesh; then the connection closed, and the app's pooled connections too
+/// (closed after 200 ms unused).
 async fn traffic(route: SocketAddr, ids: std::ops::Range<u64>) {
-    let mut conn = TcpStream::connect(route).await.unwrap();
+    let mut client = HttpClient::connect(route).await.unwrap();
     for id in ids {
-        get(&mut conn, id).await;
+        let req = http::Request::get("/")
+            .header(http::header::HOST, "app")
+            .header("x-request-id", id)
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(client.send(req).await.unwrap(), (200, "ok".to_owned()));
     }
-    drop(conn);
+    drop(client);
     tokio::time::sleep(Duration::from_millis(600)).await;
 }
 
@@ -89,9 +78,7 @@ async fn traffic(route: SocketAddr, ids: std::ops::Range<u64>) {
 async fn new_header_values_through_the_mesh_keep_no_read_buffer() {
     let mut cp = ControlPlane::start(Duration::from_secs(3600)).await;
     let app = numbering_app().await;
-    let mut server = sidecar_config(&cp, cp.token_file("demo", "server"));
-    server.app_addr = Some(app);
-    server.inbound_mode = InboundMode::Strict;
+    let mut server = server_config(&cp, app, InboundMode::Strict);
     server.app_idle_timeout = Duration::from_millis(200);
     let (mut a, mut b) = pair_with(&cp, server, None).await;
 

@@ -154,10 +154,15 @@ pub async fn pair(
     b_mode: InboundMode,
     route_identity: Option<&str>,
 ) -> (Sidecar, Sidecar) {
+    pair_with(cp, server_config(cp, app, b_mode), route_identity).await
+}
+
+/// The configuration of server sidecar B (demo/server) in front of `app`.
+pub fn server_config(cp: &ControlPlane, app: SocketAddr, mode: InboundMode) -> Config {
     let mut b = sidecar_config(cp, cp.token_file("demo", "server"));
     b.app_addr = Some(app);
-    b.inbound_mode = b_mode;
-    pair_with(cp, b, route_identity).await
+    b.inbound_mode = mode;
+    b
 }
 
 /// Client sidecar A (demo/client) routes to server sidecar B, started from `b`; the route
@@ -403,6 +408,14 @@ impl HttpClient {
             .uri(path)
             .header(http::header::HOST, "app")
             .body(Full::new(body))?;
+        self.send(req).await
+    }
+
+    /// Sends `req` on the connection and reads the answer whole: (status, body).
+    pub async fn send(
+        &mut self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
         self.sender.ready().await?;
         let resp =
             tokio::time::timeout(Duration::from_secs(10), self.sender.send_request(req)).await??;
